@@ -41,9 +41,15 @@ def load_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
 def _coerce(text: str) -> Any:
     """Parse an override value as YAML (so ``4`` is an int, ``[a, b]`` a list, ``null`` None)."""
     try:
-        return yaml.safe_load(text)
+        value = yaml.safe_load(text)
     except yaml.YAMLError:
         return text
+    if isinstance(value, str):  # YAML 1.1 reads "2e-4" as a string; users mean a number
+        try:
+            return float(value) if any(c in value for c in ".eE") else int(value)
+        except ValueError:
+            return value
+    return value
 
 
 def parse_overrides(items: list[str] | None) -> dict[str, Any]:

@@ -46,7 +46,8 @@ PRESETS: dict[str, dict] = {
     # the CPU demo's teacher (~6M params with an 4k vocab)
     "small": dict(vocab_size=4096, d_model=256, n_layers=6, n_heads=8, n_kv_heads=4, d_ff=704, max_seq_len=512),
     # the CPU demo's student (about a quarter of the teacher)
-    "small-student": dict(vocab_size=4096, d_model=128, n_layers=4, n_heads=4, n_kv_heads=2, d_ff=352, max_seq_len=512),
+    "small-student": dict(vocab_size=4096, d_model=128, n_layers=4, n_heads=4, n_kv_heads=2, d_ff=352, max_seq_len=512,
+                          tie_embeddings=True),
     # one GPU: ~125M (GPT-2-small sized Llama)
     "base": dict(vocab_size=32000, d_model=768, n_layers=12, n_heads=12, n_kv_heads=12, d_ff=2048, max_seq_len=2048),
 }
