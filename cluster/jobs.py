@@ -44,25 +44,39 @@ def run_local(cmd: list[str], env: dict[str, str] | None = None) -> int:
 
 
 def dashboard_address(explicit: str | None = None) -> str:
+    """Jobs API URL: ``--address``, else RAY_API_SERVER_ADDRESS, else an http RAY_ADDRESS, else the local head."""
     if explicit:
         return explicit
+    if os.environ.get("RAY_API_SERVER_ADDRESS", "").startswith("http"):
+        return os.environ["RAY_API_SERVER_ADDRESS"]
     if os.environ.get("RAY_ADDRESS", "").startswith("http"):
         return os.environ["RAY_ADDRESS"]
-    from cluster.local_cluster import dashboard_url  # written by `retort up`
+    from cluster.local_cluster import client_env, dashboard_url  # written by `retort up`
 
     url = dashboard_url()
     if url is None:
         raise RetortError("no Ray cluster is running: start one with `retort up`, pass --address, or use --local")
+    # the local head's token (it may live outside ~/.ray): only when talking to that head
+    auth = {k: v for k, v in client_env().items() if k.startswith("RAY_AUTH") and k not in os.environ}
+    if auth:
+        from cluster.ray_head import reset_token_cache
+
+        os.environ.update(auth)
+        reset_token_cache()  # Ray caches the token per process
     return url
 
 
 def submit(cmd: list[str], name: str, address: str | None = None, env: dict[str, str] | None = None,
            follow: bool = True) -> str:
     """Submit ``cmd`` as a Ray job from the repo as working dir; stream logs; raise on failure."""
-    os.environ.setdefault("RAY_AUTH_MODE", "token")
+    url = dashboard_address(address)
+    if "RAY_AUTH_MODE" not in os.environ:  # Retort clusters run with token auth
+        from cluster.ray_head import reset_token_cache
+
+        os.environ["RAY_AUTH_MODE"] = "token"
+        reset_token_cache()
     from ray.job_submission import JobStatus, JobSubmissionClient
 
-    url = dashboard_address(address)
     client = JobSubmissionClient(url)
     runtime_env = {
         "working_dir": str(REPO),
