@@ -58,6 +58,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("retort: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `retort ... | head`: the reader left; not an error of ours
+        sys.stderr.close()
+        return 0
     return int(rc or 0)
 
 

@@ -66,6 +66,26 @@ def dashboard_address(explicit: str | None = None) -> str:
     return url
 
 
+FORWARDED = ("RETORT_", "TORCH_EXTENSIONS_DIR", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def forwarded_env() -> dict[str, str]:
+    """What a job needs from the submitter's environment: RETORT_* (registry root, home), the
+    code's git commit (the job's working dir is a copy without .git), the extensions cache."""
+    env = {k: v for k, v in os.environ.items() if k.startswith(FORWARDED)}
+    if "RETORT_GIT_COMMIT" not in env and (commit := git_commit()):
+        env["RETORT_GIT_COMMIT"] = commit
+    return env
+
+
 def submit(cmd: list[str], name: str, address: str | None = None, env: dict[str, str] | None = None,
            follow: bool = True) -> str:
     """Submit ``cmd`` as a Ray job from the repo as working dir; stream logs; raise on failure."""
@@ -81,7 +101,7 @@ def submit(cmd: list[str], name: str, address: str | None = None, env: dict[str,
     runtime_env = {
         "working_dir": str(REPO),
         "excludes": [".venv", ".git", "runs", "*.safetensors", "__pycache__", "*.bin", "*.npy"],
-        "env_vars": {k: v for k, v in (env or {}).items()},
+        "env_vars": {**forwarded_env(), **(env or {})},
     }
     entry = shlex.join(cmd)
     job_id = client.submit_job(entrypoint=entry, runtime_env=runtime_env,

@@ -1,0 +1,1 @@
+"""Distillation: losses (``train.distill.losses``) and the Ray Train + DeepSpeed job."""
