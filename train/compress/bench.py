@@ -1,0 +1,124 @@
+"""``python -m train.compress.bench``: the kernel micro-benchmark and the optimization table.
+
+    python -m train.compress.bench --kernels                 # kernel table only (2048x8192 linear)
+    python -m train.compress.bench -c configs/compress/small.yaml [key=value ...]   # + optimization table
+
+Kernel table: every kernel of every scheme that runs on the device, µs per call of one linear
+(in 2048 -> out 8192 by default) at batch 1 and 16, and its speed relative to the float32
+``F.linear`` measured in the same run (> 1 = faster). The optimization table builds the
+configured variants from the source model and measures them exactly as the compress job does,
+without publishing anything.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cluster import quant
+from train.compress.table import render
+
+
+def _time(fn, device: torch.device, min_s: float = 0.3, max_reps: int = 200) -> float:
+    """Median µs per call after warm-up, at least 5 reps or ``min_s`` seconds."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for _ in range(3):
+        fn()
+    sync()
+    times: list[float] = []
+    start = time.perf_counter()
+    while len(times) < 5 or (time.perf_counter() - start < min_s and len(times) < max_reps):
+        t = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times) * 1e6
+
+
+def kernel_table(in_f: int = 2048, out_f: int = 8192, batches: tuple[int, ...] = (1, 16),
+                 device: str = "cpu", group_size: int = 128) -> str:
+    dev = torch.device(device)
+    lin = nn.Linear(in_f, out_f, bias=False)
+    with torch.no_grad():
+        lin.weight.normal_(0, 0.02)
+    mods = {
+        "int8": quant.Int8Linear.from_float(lin, symmetric=True, name="bench"),
+        "int8-asym": quant.Int8Linear.from_float(lin, symmetric=False, name="bench"),
+        "int4": quant.Int4Linear.from_float(lin, group_size=group_size, name="bench"),
+        "w8a8": quant.W8A8Linear.from_float(lin, name="bench"),
+        "w4a8": quant.W4A8Linear.from_float(lin, group_size=group_size, name="bench"),
+    }
+    w32 = lin.weight.detach().to(dev)
+    rows = [["scheme", "kernel", *[f"b{b} µs" for b in batches], *[f"b{b} vs fp32" for b in batches]]]
+    base: dict[int, float] = {}
+    for b in batches:
+        x = torch.randn(b, in_f, device=dev)
+        base[b] = _time(lambda x=x: F.linear(x, w32), dev)
+    rows.append(["fp32", "F.linear", *[f"{base[b]:.0f}" for b in batches], *["1.00x" for _ in batches]])
+    for dt in (torch.bfloat16, torch.float16) if dev.type == "cuda" else (torch.bfloat16,):
+        wl, ts = w32.to(dt), {}
+        for b in batches:
+            xl = torch.randn(b, in_f, device=dev, dtype=dt)
+            ts[b] = _time(lambda xl=xl, wl=wl: F.linear(xl, wl), dev)
+        rows.append([str(dt).replace("torch.", ""), "F.linear", *[f"{ts[b]:.0f}" for b in batches],
+                     *[f"{base[b] / ts[b]:.2f}x" for b in batches]])
+    for label, m in mods.items():
+        m = m.to(dev)
+        for name, kernel in quant.KERNELS[m.scheme].items():
+            if dev.type not in kernel.devices:
+                continue
+            cells, ratios = [], []
+            for b in batches:
+                x = torch.randn(b, in_f, device=dev)
+                try:
+                    kernel.run(m, x)
+                    t = _time(lambda x=x, k=kernel, m=m: k.run(m, x), dev)
+                    cells.append(f"{t:.0f}")
+                    ratios.append(f"{base[b] / t:.2f}x")
+                except (RuntimeError, NotImplementedError) as e:
+                    cells.append("n/a")
+                    ratios.append(str(e).split("\n")[0][:40])
+            rows.append([label, name, *cells, *ratios])
+        for b in batches:  # what selection picks for this shape
+            m.kernel_for(torch.randn(b, in_f, device=dev))
+        picks = sorted({k for k in m._choice.values()})
+        rows.append([label, f"auto -> {','.join(picks)}", *["" for _ in batches], *["" for _ in batches]])
+    return render(rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m train.compress.bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("-c", "--config", default=None, help="compress config: also print the optimization table")
+    p.add_argument("overrides", nargs="*", help="config overrides, e.g. source=runs/model")
+    p.add_argument("--kernels", action="store_true", help="only the kernel table")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (kernel table)")
+    p.add_argument("--shape", type=int, nargs=2, default=(2048, 8192), metavar=("IN", "OUT"))
+    p.add_argument("--threads", type=int, default=None, help="torch threads")
+    a = p.parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {a.device}"
+          f"{' (' + torch.cuda.get_device_name() + ')' if a.device == 'cuda' else ''}", flush=True)
+    print(f"\nKernel micro-benchmark: one {a.shape[0]}->{a.shape[1]} linear\n", flush=True)
+    print(kernel_table(a.shape[0], a.shape[1], device=a.device), flush=True)
+    if a.kernels or a.config is None:
+        return 0
+    from cluster.config import load_config
+    from cluster.config.compress import CompressConfig
+    from train.compress.job import run
+
+    cfg = load_config(a.config, CompressConfig, a.overrides)
+    print("\nOptimization table (nothing is published)\n", flush=True)
+    run(cfg, publish_results=False)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
