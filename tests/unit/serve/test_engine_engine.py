@@ -1,0 +1,205 @@
+"""Engine end to end on a tiny random model (fp32, CPU): greedy parity under every batch mix."""
+
+import json
+
+import pytest
+import torch
+from engine_helpers import random_prompts, reference_greedy, tiny_model
+
+from cluster.config.engine import EngineConfig
+from serve.engine import EngineInputError, LLMEngine, SamplingParams
+
+GREEDY = SamplingParams(max_tokens=12, temperature=0.0)
+
+
+@pytest.fixture(scope="module")
+def ref():
+    return tiny_model()
+
+
+def engine(**kw) -> LLMEngine:
+    cfg = EngineConfig(**{"device": "cpu", "dtype": "float32", "num_blocks": 64, **kw})
+    return LLMEngine(tiny_model(), cfg)
+
+
+def expected(ref, prompts, n=12):
+    return [reference_greedy(ref, p, n) for p in prompts]
+
+
+def test_mixed_lengths_chunked_prefill(ref):
+    prompts = random_prompts(6, 1, 70, seed=1)
+    eng = engine(max_num_batched_tokens=20, max_num_seqs=4)  # prompts span several chunks
+    out = eng.generate(prompts, GREEDY)
+    assert [c.token_ids for c in out] == expected(ref, prompts)
+    assert all(c.finish_reason == "length" for c in out)
+    st = eng.stats()
+    assert st.num_running == st.num_waiting == 0 and st.kv_usage == 0.0
+    assert st.generation_tokens == 72 and st.prompt_tokens == sum(map(len, prompts))
+
+
+def test_preemption_with_tiny_pool(ref):
+    prompts = random_prompts(5, 20, 40, seed=2)
+    eng = engine(num_blocks=9, block_size=8, max_num_batched_tokens=64)
+    out = eng.generate(prompts, SamplingParams(max_tokens=24, temperature=0.0))
+    assert eng.stats().num_preemptions > 0
+    assert [c.token_ids for c in out] == expected(ref, prompts, 24)
+
+
+def test_prefix_hits_and_counters(ref):
+    shared = random_prompts(1, 50, 50, seed=3)[0]
+    prompts = [shared + s for s in random_prompts(4, 1, 9, seed=4)]
+    eng = engine()
+    first = eng.generate(prompts[:1], GREEDY)
+    rest = eng.generate(prompts[1:], GREEDY)
+    assert [c.token_ids for c in first + rest] == expected(ref, prompts)
+    assert first[0].num_cached_tokens == 0
+    assert all(c.num_cached_tokens == 48 for c in rest)  # 3 full 16-token blocks of the prefix
+    st = eng.stats()
+    assert st.prefix_hits == 3 * 48 and st.prefix_queries == sum(map(len, prompts))
+    again = eng.generate(prompts[:1], GREEDY, salt="tenant")  # another tenant: no hit
+    assert again[0].num_cached_tokens == 0 and again[0].token_ids == first[0].token_ids
+
+
+def test_aborts_midway_free_blocks(ref):
+    prompts = random_prompts(4, 10, 30, seed=5)
+    eng = engine(max_num_batched_tokens=32)
+    params = SamplingParams(max_tokens=10, temperature=0.0)
+    for i, p in enumerate(prompts):
+        eng.add_request(f"r{i}", p, params)
+    got: dict[str, list[int]] = {f"r{i}": [] for i in range(4)}
+    reasons = {}
+    eng.abort("unknown-id")  # no-op
+    steps = 0
+    while eng.has_unfinished():
+        if steps == 3:
+            eng.abort("r1")
+            eng.abort("r3")
+        for o in eng.step():
+            got[o.request_id] += o.new_token_ids
+            if o.finished:
+                reasons[o.request_id] = o.finish_reason
+        steps += 1
+    assert reasons == {"r0": "length", "r1": "abort", "r2": "length", "r3": "abort"}
+    exp = expected(ref, prompts, 10)
+    assert got["r0"] == exp[0] and got["r2"] == exp[2]
+    assert got["r1"] == exp[1][: len(got["r1"])]
+    st = eng.stats()
+    assert st.num_blocks_free == st.num_blocks_total
+    eng.add_request("r1", prompts[0], params)  # ids are reusable once finished
+    assert eng.generate([prompts[0]], params)[0].token_ids == exp[0]
+
+
+def test_stop_tokens_eos_and_logprobs(ref):
+    prompt = random_prompts(1, 12, 12, seed=6)[0]
+    full = reference_greedy(ref, prompt, 8)
+    eng = LLMEngine(tiny_model(), EngineConfig(device="cpu", num_blocks=32), eos_token_id=full[3])
+    out = eng.generate([prompt], SamplingParams(max_tokens=8, temperature=0.0, logprobs=3))[0]
+    assert out.token_ids == full[:4] and out.finish_reason == "stop"
+    assert len(out.logprobs) == 4
+    with torch.no_grad():
+        logp = torch.log_softmax(ref(torch.tensor([prompt]))[0, -1], -1)
+    top = torch.topk(logp, 3)
+    lp0 = out.logprobs[0]
+    assert set(lp0) == set(top.indices.tolist())
+    for tok, val in lp0.items():
+        assert val == pytest.approx(logp[tok].item(), abs=1e-4)
+    ign = eng.generate([prompt], SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True, stop_token_ids=[full[5]]))
+    assert ign[0].token_ids == full[:6] and ign[0].finish_reason == "stop"
+
+
+def test_input_errors():
+    eng = engine(max_model_len=64)
+    p = SamplingParams(max_tokens=4)
+    cases = [
+        ([], "at least one token"),
+        ([1, 512], "out of range"),
+        ([-1], "out of range"),
+        ([1] * 61, "maximum context length is 64 tokens. However, you requested 65 tokens (61 in the messages, 4 in the completion)."),
+    ]
+    for prompt, msg in cases:
+        with pytest.raises(EngineInputError) as e:
+            eng.add_request("x", prompt, p)
+        assert msg in str(e.value)
+    eng.add_request("dup", [1, 2], p)
+    with pytest.raises(EngineInputError, match="already in use"):
+        eng.add_request("dup", [1, 2], p)
+    for kw, msg in [({"max_tokens": 0}, "max_tokens"), ({"temperature": -1}, "temperature"), ({"top_p": 0}, "top_p"),
+                    ({"top_k": -2}, "top_k"), ({"logprobs": 6}, "logprobs"), ({"stop_token_ids": [-1]}, "stop_token_ids")]:
+        with pytest.raises(EngineInputError, match=msg):
+            SamplingParams(**kw)
+    assert issubclass(EngineInputError, ValueError)
+
+
+def test_hf_transformers_parity(tmp_path, ref):
+    from transformers import LlamaForCausalLM
+
+    ref.save_pretrained(tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg["eos_token_id"] = None
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    hf = LlamaForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    prompts = random_prompts(3, 5, 40, seed=7)
+    eng = LLMEngine.from_pretrained(tmp_path, EngineConfig(device="cpu", num_blocks=64))
+    ours = eng.generate(prompts, SamplingParams(max_tokens=10, temperature=0.0))
+    for p, c in zip(prompts, ours, strict=False):
+        with torch.no_grad():
+            g = hf.generate(torch.tensor([p]), max_new_tokens=10, min_new_tokens=10, do_sample=False, pad_token_id=0)
+        assert c.token_ids == g[0, len(p):].tolist()
+
+
+def test_from_pretrained_reads_eos(tmp_path, ref):
+    ref.save_pretrained(tmp_path, extra_config={"eos_token_id": 7})
+    eng = LLMEngine.from_pretrained(tmp_path, EngineConfig(device="cpu", num_blocks=8))
+    assert eng.eos_token_id == 7
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_quantized_checkpoint(tmp_path, scheme):
+    from cluster.quant import quantize_model
+
+    model = quantize_model(tiny_model(), scheme, group_size=32)
+    model.save_pretrained(tmp_path, extra_config={"quantization_config": model.quantization_config})
+    loaded = LLMEngine.from_pretrained(tmp_path, EngineConfig(device="cpu", num_blocks=32))
+    prompts = random_prompts(3, 4, 30, seed=8)
+    got = loaded.generate(prompts, SamplingParams(max_tokens=8, temperature=0.0))
+    assert [c.token_ids for c in got] == [reference_greedy(model, p, 8) for p in prompts]
+
+
+def test_add_and_abort_from_another_thread(ref):
+    import threading
+
+    prompts = random_prompts(6, 3, 20, seed=9)
+    eng = engine(max_num_seqs=3)
+    params = SamplingParams(max_tokens=6, temperature=0.0)
+    got: dict[str, list[int]] = {}
+    done: dict[str, str] = {}
+
+    def producer():
+        for i, p in enumerate(prompts):
+            eng.add_request(f"t{i}", p, params)
+        eng.abort("t5")
+
+    th = threading.Thread(target=producer)
+    th.start()
+    while th.is_alive() or eng.has_unfinished():
+        for o in eng.step():
+            got.setdefault(o.request_id, []).extend(o.new_token_ids)
+            if o.finished:
+                done[o.request_id] = o.finish_reason
+    th.join()
+    exp = expected(ref, prompts, 6)
+    assert all(got[f"t{i}"] == exp[i] for i in range(5)) and done["t5"] in ("abort", "length")
+    assert eng.stats().num_waiting == 0 and eng.stats().num_blocks_free == eng.stats().num_blocks_total
+
+
+def test_engine_config_validation():
+    from pydantic import ValidationError
+
+    for bad in ({"block_size": 0}, {"dtype": "int8"}, {"device": "tpu"}, {"max_num_seqs": 0}, {"bogus": 1}):
+        with pytest.raises(ValidationError):
+            EngineConfig(**bad)
+    with pytest.raises(Exception, match="exceeds the model's max_seq_len"):
+        LLMEngine(tiny_model(), EngineConfig(device="cpu", num_blocks=8, max_model_len=10_000))
+    sized = LLMEngine(tiny_model(), EngineConfig(device="cpu", kv_memory_bytes=1 << 20))
+    per = 2 * 2 * 16 * 2 * 16 * 4  # k+v, layers, block, kv heads, head dim, fp32
+    assert sized.stats().num_blocks_total == (1 << 20) // per
