@@ -303,3 +303,23 @@ def train_tokenizer(
     tok = Tokenizer(backend, hf_config(), sha256="")
     tok.save(out_dir)
     return tok
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "chat_template.jinja")
+
+
+def copy_tokenizer_files(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> int:
+    """Copy a checkpoint's tokenizer files into another checkpoint directory, so every model
+    directory (teacher, student, each compressed variant) is self-contained for serving."""
+    import shutil
+
+    src, dst = Path(src), Path(dst)
+    copied = 0
+    for name in TOKENIZER_FILES:
+        if (src / name).is_file():
+            shutil.copy2(src / name, dst / name)
+            copied += 1
+    if not copied:
+        raise RetortError(f"{src}: no tokenizer files to copy")
+    return copied

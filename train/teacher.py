@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 import sys
 import time
 from contextlib import nullcontext
@@ -36,9 +35,8 @@ from cluster.config.model import ModelConfig, preset
 from cluster.config.teacher import TeacherConfig
 from cluster.errors import RetortError
 from cluster.model import Transformer
+from cluster.tokenizer import copy_tokenizer_files
 from train.evaluate import perplexity
-
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model")
 
 
 def pick_device(name: str) -> torch.device:
@@ -189,13 +187,7 @@ def save_checkpoint(
     model.save_pretrained(
         out, extra_config={"eos_token_id": tokenizer.eos_id, "pad_token_id": tokenizer.pad_id}
     )
-    copied = 0
-    for name in TOKENIZER_FILES:
-        if (tokenizer_dir / name).is_file():
-            shutil.copy2(tokenizer_dir / name, out / name)
-            copied += 1
-    if not copied:
-        raise RetortError(f"{tokenizer_dir}: no tokenizer files to copy")
+    copy_tokenizer_files(tokenizer_dir, out)
     (out / "training.json").write_text(json.dumps(record, indent=2) + "\n")
     return out
 

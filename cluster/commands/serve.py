@@ -54,7 +54,13 @@ def load_pinned(config: str, overrides: list[str]):
     from cluster.registry import open_registry
 
     cfg = load_config(config, ServeConfig, overrides)
-    ref = open_registry(cfg.registry).ref(cfg.model.ref)
+    reg = open_registry(cfg.registry)
+    ref = reg.ref(cfg.model.ref)
+    # replicas run in the cluster's environment, not this shell's: pin the root this CLI resolved
+    # (RETORT_REGISTRY or config) into the app's arguments, as the version is pinned below
+    cfg.registry.root = reg.root
+    if cfg.model.tokenizer is None and "tokenizer.json" not in reg.manifest(ref).get("files", {}):
+        raise RetortError(f"{ref} has no tokenizer.json; publish the model with its tokenizer or set model.tokenizer")
     if cfg.model.served_name is None:
         cfg.model.served_name = cfg.model.public_name
     if str(ref) != cfg.model.ref:
@@ -131,6 +137,17 @@ def deploy(args: argparse.Namespace) -> int:
     return 0
 
 
+def failure_reason(app: dict[str, Any]) -> str:
+    """The most specific line Serve has: a deployment's exception (last traceback line), else the app's message."""
+    for dep in (app.get("deployments") or {}).values():
+        lines = [ln.strip() for ln in (dep.get("message") or "").splitlines() if ln.strip()]
+        errors = [ln for ln in lines if "Error" in ln.split(":")[0] or "Exception" in ln.split(":")[0]]
+        if errors:
+            return errors[-1]
+    lines = [ln.strip() for ln in (app.get("message") or "").splitlines() if ln.strip()]
+    return lines[-1] if lines else "unknown reason"
+
+
 def wait_running(client, name: str, args: dict[str, Any], timeout_s: float) -> None:
     """Until the app runs *this* config: RUNNING with our args (a rollover passes DEPLOYING)."""
     deadline = time.monotonic() + timeout_s
@@ -142,7 +159,7 @@ def wait_running(client, name: str, args: dict[str, Any], timeout_s: float) -> N
         if ours and st == "RUNNING" and all(d.get("status") == "HEALTHY" for d in app.get("deployments", {}).values()):
             return
         if ours and st == "DEPLOY_FAILED":
-            raise JobFailed(f"app {name} failed to deploy: {app.get('message', '').strip().splitlines()[-1:]}")
+            raise JobFailed(f"app {name} failed to deploy: {failure_reason(app)} (details: retort serve status)")
         if st != last:
             print(f"  {name}: {st or 'pending'}", flush=True)
             last = st

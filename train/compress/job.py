@@ -27,6 +27,7 @@ from cluster.config.base import dump_yaml
 from cluster.config.compress import CompressConfig, VariantConfig
 from cluster.errors import JobFailed, RetortError
 from cluster.model import Transformer
+from cluster.tokenizer import copy_tokenizer_files
 from train.compress.gate import apply_gate, evaluate
 from train.compress.prune import prune_model
 from train.compress.quantize import bitwidth_mse, quantize
@@ -88,6 +89,8 @@ def build_variant(src: Source, v: VariantConfig, cfg: CompressConfig, train_toke
     if out.exists():
         shutil.rmtree(out)
     model.save_pretrained(out, extra_config=extra)
+    if (src.path / "tokenizer.json").is_file():  # variants serve with their source's tokenizer
+        copy_tokenizer_files(src.path, out)
     return out
 
 

@@ -1,0 +1,105 @@
+"""The shared KV cache store that replicas publish blocks to and fetch blocks from, and the
+cache-aware request router. Both are embedded in ``ServeConfig`` (``kv_store:``, ``router:``);
+the defaults keep a plain deployment: no store, Serve's power-of-two-choices router.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from cluster.config.base import StrictModel
+
+
+class StoreHealthConfig(StrictModel):
+    """LMCache-style health monitor: a failed or slow op marks the store down; while down every
+    get/put is a no-op (requests recompute); it is retried after an exponential backoff."""
+
+    slow_op_s: float = Field(1.0, gt=0, description="An op slower than this counts as a failure.")
+    backoff_initial_s: float = Field(1.0, gt=0, description="First wait before retrying a store marked down.")
+    backoff_max_s: float = Field(30.0, gt=0, description="Longest wait between retries (doubles up to this).")
+
+    @model_validator(mode="after")
+    def _check(self) -> StoreHealthConfig:
+        if self.backoff_max_s < self.backoff_initial_s:
+            raise ValueError(
+                f"backoff_max_s ({self.backoff_max_s}) < backoff_initial_s ({self.backoff_initial_s})"
+            )
+        return self
+
+
+class KVStoreConfig(StrictModel):
+    enabled: bool = Field(
+        False,
+        description="Publish full KV blocks to a store shared by replicas and fetch "
+        "prefixes from it on admission.",
+    )
+    backend: Literal["ray", "redis", "memory"] = Field(
+        "ray",
+        description="ray: Ray's object store behind a named detached actor (the default on a cluster); "
+        "redis: an external Redis; memory: in-process (tests, benchmarks).",
+    )
+    capacity_bytes: int = Field(
+        256 * 1024**2, ge=1024, description="Store capacity; least recently used blocks are evicted past it."
+    )
+    namespace: str = Field(
+        "retort", min_length=1, description="Ray namespace of the store actor / Redis key prefix."
+    )
+    actor_name: str = Field("retort-kv-store", min_length=1, description="Name of the Ray store actor.")
+    ray_mode: Literal["refs", "bytes"] = Field(
+        "refs",
+        description="ray backend: refs = blocks are Ray objects owned by the store actor (zero-copy reads "
+        "from the local object store); bytes = blocks are held in the actor's heap.",
+    )
+    redis_url: str | None = Field(None, description="redis://host:port[/db]; None: the Redis of `retort up`.")
+    manage_redis_maxmemory: bool = Field(
+        True,
+        description="Set Redis maxmemory=capacity_bytes and allkeys-lru at connect (turn off on a shared Redis).",
+    )
+    min_fetch_blocks: int = Field(
+        2,
+        ge=1,
+        description="Fetch from the store only when at least this many blocks beyond the local prefix "
+        "can come from it (below, recomputing is as cheap; see `python -m serve.kv.bench`).",
+    )
+    fetch_timeout_s: float = Field(
+        0.5,
+        gt=0,
+        description="A fetch not done this long after the request arrived is "
+        "abandoned and the prefix recomputed.",
+    )
+    publish_queue_blocks: int = Field(
+        4096,
+        ge=1,
+        description="Blocks waiting to be published; more are dropped (publishing never blocks a request).",
+    )
+    publish_batch_blocks: int = Field(64, ge=1, description="Most blocks per put call.")
+    health: StoreHealthConfig = Field(
+        default_factory=StoreHealthConfig, description="Failure detection and backoff."
+    )
+
+
+class RouterConfig(StrictModel):
+    policy: Literal["cache_aware", "pow2"] = Field(
+        "pow2",
+        description="cache_aware: send a request where its prompt prefix is cached (unless load is "
+        "imbalanced); pow2: Serve's power-of-two-choices.",
+    )
+    imbalance_abs: int = Field(
+        8, ge=0, description="Load is imbalanced when max - min in-flight requests exceeds this ..."
+    )
+    imbalance_rel: float = Field(
+        1.5, ge=1.0, description="... and max > imbalance_rel * min; then the least loaded replica wins."
+    )
+    min_match_ratio: float = Field(
+        0.1,
+        ge=0,
+        le=1,
+        description="Below this fraction of matched prompt blocks the "
+        "request goes to the replica with the least cached.",
+    )
+    max_blocks_per_replica: int = Field(65536, ge=1, description="Block hashes remembered per replica (LRU).")
+    routing_stats_period_s: float = Field(
+        2.0, gt=0, description="How often replicas report load and KV usage."
+    )
