@@ -48,6 +48,10 @@ class PipelineConfig(StrictModel):
     promote_by: str = Field(
         "tok_s_b1", description="Metric (in the variants' registry manifests) that picks the best variant; higher wins."
     )
+    promote_candidates: list[str] = Field(
+        default_factory=lambda: ["int8", "w8a8", "int4", "w4a8"],
+        description="Variant names (the part after '<model>-') eligible for promotion; others are only reported.",
+    )
     registry: RegistryConfig = Field(default_factory=RegistryConfig, description="The registry all stages share.")
     cost: CostAssumptions = Field(default_factory=CostAssumptions, description="Assumptions of the report's cost table.")
     keep_serving: bool = Field(True, description="Leave the model deployed after the pipeline (the demo ends serving).")

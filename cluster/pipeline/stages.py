@@ -128,7 +128,10 @@ def compress_publish_names(cfg) -> list[str]:
 
 
 def run_promote(p: Pipeline, wired: list[str]) -> dict[str, Any]:
-    variants = p.outputs["compress"]["variants"]
+    suffixes = tuple(f"-{c}" for c in p.cfg.promote_candidates)
+    variants = [v for v in p.outputs["compress"]["variants"] if v["ref"].split(":")[0].endswith(suffixes)]
+    if not variants:
+        raise JobFailed(f"no published variant is a promotion candidate ({', '.join(p.cfg.promote_candidates)})")
     key = p.cfg.promote_by
 
     def score(v: dict[str, Any]) -> float:
