@@ -277,16 +277,17 @@ def test_promotion_counted_in_ray_metrics(s3_env, root, tiny_ckpt, ray_cluster):
     ray.init(address=ray_cluster.gcs_address)
     try:
         reg = open_registry(root=root)
-        ref = reg.publish("counted", tiny_ckpt)
+        model = f"counted-{uuid.uuid4().hex[:8]}"  # a name no other test of the session promotes
+        ref = reg.publish(model, tiny_ckpt)
         assert reg.show(str(ref))["lineage"]["ray_job_id"] == ray.get_runtime_context().get_job_id()
         for _ in range(3):
-            reg.promote("counted", ref.version, "prod")
+            reg.promote(model, ref.version, "prod")
         url = f"http://127.0.0.1:{ray_cluster.metrics_export_port}/metrics"
         name, value = exported(REGISTRY_PROMOTIONS), None
         deadline = time.monotonic() + 120  # Ray exports metrics every few seconds; slower on a busy box
         while time.monotonic() < deadline and value != 3.0:
             for line in requests.get(url, timeout=5).text.splitlines():
-                if line.startswith(name) and 'model="counted"' in line and 'alias="prod"' in line:
+                if line.startswith(name) and f'model="{model}"' in line and 'alias="prod"' in line:
                     value = float(line.rsplit(" ", 1)[1])
             time.sleep(1.0)
         assert value == 3.0

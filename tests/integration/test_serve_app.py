@@ -326,7 +326,9 @@ def test_metrics_are_exported(app, client):
         time.sleep(1)
     missing = [w for w in wanted if w not in text]
     assert not missing, missing
-    responses = [line for line in text.splitlines() if line.startswith(M.exported(M.RESPONSES))]
-    assert all('model="student"' in line and "status=" in line and "route=" in line for line in responses)
+    # other apps of the session's cluster export the same metric under their own model names
+    responses = [line for line in text.splitlines()
+                 if line.startswith(M.exported(M.RESPONSES)) and 'model="student"' in line]
+    assert responses and all("status=" in line and "route=" in line for line in responses)
     version = [line for line in text.splitlines() if line.startswith(M.exported(M.DEPLOYED_VERSION))]
     assert any('ref="student:1"' in line and line.endswith(" 1.0") for line in version), version

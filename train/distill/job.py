@@ -207,5 +207,9 @@ def publish_and_print(cfg: DistillConfig, out: Path, metrics: dict[str, Any], li
 
     ref = publish_student(cfg, out, metrics, lineage)
     print(f"published {ref}" + (f" (@{cfg.publish_alias})" if cfg.publish_alias else ""), file=sys.stderr, flush=True)
+    import ray
+
+    if ray.is_initialized():  # workers' late log lines are forwarded to this stdout until we disconnect
+        ray.shutdown()
     print(ref, flush=True)  # last stdout line: the registry ref
     return ref
