@@ -125,7 +125,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     sd: dict[str, torch.Tensor] = {}
     for f in weight_files(Path(path)):
         with safe_open(str(f), framework="pt") as fh:
-            for k in fh.keys():
+            for k in fh.keys():  # noqa: SIM118 - safe_open is not a dict
                 sd[k] = fh.get_tensor(k)
     return sd
 

@@ -6,6 +6,7 @@ The CLI never imports ``train`` or ``serve``: it runs them the way Ray does, by 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shlex
 import subprocess
@@ -115,10 +116,8 @@ def submit(cmd: list[str], name: str, address: str | None = None, env: dict[str,
         async for lines in client.tail_job_logs(job_id):
             print(lines, end="", flush=True)
 
-    try:
+    with contextlib.suppress(Exception):  # log streaming is best-effort; the status below decides
         asyncio.run(tail())
-    except Exception:  # noqa: BLE001 - log streaming is best-effort; status below decides
-        pass
     status = client.get_job_status(job_id)
     while status not in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
         time.sleep(1)

@@ -13,8 +13,10 @@ from cluster.pipeline.orchestrator import Pipeline, Stage
 from cluster.pipeline.runner import REPO, StageRun, execute, retort_cmd
 
 
-def _cfg(p: Pipeline, stage: str, wired: list[str] | None = None, kind: str | None = None):
-    spec = getattr(p.cfg, stage)
+def _cfg(p: Pipeline | PipelineConfig, stage: str, wired: list[str] | None = None, kind: str | None = None):
+    """The resolved config of ``stage`` (its file, its overrides, then what earlier stages wired in)."""
+    pcfg = p if isinstance(p, PipelineConfig) else p.cfg
+    spec = getattr(pcfg, stage)
     return load_config(REPO / spec.config, schema_for(kind or stage), [*spec.overrides, *(wired or [])])
 
 
@@ -63,8 +65,8 @@ def refs_ok(p: Pipeline, out: dict[str, Any]) -> bool:
     return bool(refs) and all(p.ref_ok(r) for r in refs)
 
 
-def distill_reads_topk(p: Pipeline) -> bool:
-    d = _cfg(p, "distill")
+def distill_reads_topk(cfg: PipelineConfig) -> bool:
+    d = _cfg(cfg, "distill")
     return d.teacher_source == "topk" or d.mode == "pipeline"
 
 
@@ -193,9 +195,7 @@ def build_stages(cfg: PipelineConfig) -> list[Stage]:
         Stage("data", "data", cfg.data, run_data, check=file_exists("manifest")),
         Stage("teacher", "teacher", cfg.teacher, run_teacher, check=refs_ok),
     ]
-    probe = Pipeline.__new__(Pipeline)
-    probe.cfg = cfg
-    if distill_reads_topk(probe):
+    if distill_reads_topk(cfg):
         stages.append(Stage("topk", "teacher", cfg.teacher, run_topk, wire=wire_topk, check=file_exists("dir")))
     stages += [
         Stage("distill", "distill", cfg.distill, distill_runner("distill"), wire=wire_distill, check=refs_ok),

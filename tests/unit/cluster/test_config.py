@@ -63,7 +63,6 @@ def test_invalid_yaml(tmp_path):
 
 def test_every_field_of_every_schema_is_described():
     from cluster.config.kinds import KINDS, schema_for
-
     from cluster.config.model import ModelConfig
     from cluster.config.registry import RegistryConfig
 
