@@ -28,14 +28,25 @@ BUCKET = "retort-registry"
 N_PUBLISHERS = 8
 
 
+MOTO_SERIAL = (
+    "import sys; from werkzeug.serving import run_simple; "
+    "from moto.moto_server.werkzeug_app import DomainDispatcherApplication, MotoRequestHandler, create_backend_app; "
+    "run_simple('127.0.0.1', int(sys.argv[1]), DomainDispatcherApplication(create_backend_app), threaded=False, "
+    "request_handler=MotoRequestHandler)"
+)
+
+
 @pytest.fixture(scope="module")
 def s3_env() -> Iterator[dict[str, str]]:
     """A moto S3 server on a free loopback port; yields the env its clients need."""
     import requests
 
     port = free_port()
+    # moto's own `moto_server` is threaded, and its S3 checks If-None-Match and stores the object
+    # without a lock, so two racing conditional creates can both succeed there (real S3 makes the
+    # pair atomic). Serving requests one at a time gives the test S3's atomicity.
     server = subprocess.Popen(
-        [str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+        [sys.executable, "-c", MOTO_SERIAL, str(port)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
