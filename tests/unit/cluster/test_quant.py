@@ -74,8 +74,9 @@ def test_every_cpu_kernel_matches_dequantized_reference(scheme: str, symmetric: 
             continue
         try:
             y = kernel.run(m, x) + m.bias
-        except RuntimeError as e:  # a kernel that does not exist in this build is skipped by selection too
-            pytest.skip(f"{name}: {e}") if name == "dequant" else None
+        except RuntimeError:  # a fast kernel missing from this torch build is skipped by selection too
+            if name == "dequant":  # the fallback must always work
+                raise
             continue
         ran.append(name)
         if scheme in quant.ACT_QUANT:  # activations are quantized: compare with the per-token fake-quant reference
