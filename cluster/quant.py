@@ -128,6 +128,15 @@ class QuantLinear(nn.Module):
     def dequantize(self) -> torch.Tensor:  # (N, K) fp32
         raise NotImplementedError
 
+    def _fill(self, lin: nn.Linear, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None):
+        """Take the quantized weight, its scales (+ zeros) and ``lin``'s bias; shared by every ``from_float``."""
+        self.weight, self.weight_scale = q, scale
+        if zero is not None:
+            self.weight_zero = zero
+        if lin.bias is not None:
+            self.bias = nn.Parameter(lin.bias.detach().float().clone())
+        return self
+
     def _zero(self) -> torch.Tensor | None:
         return None if self.symmetric else self.weight_zero
 
@@ -175,13 +184,7 @@ class Int8Linear(QuantLinear):
     @classmethod
     def from_float(cls, lin: nn.Linear, symmetric: bool = True, name: str = "", **_: Any) -> Int8Linear:
         m = cls(lin.in_features, lin.out_features, lin.bias is not None, symmetric, name=name)
-        q, s, z = quantize_int8(lin.weight, symmetric)
-        m.weight, m.weight_scale = q, s
-        if z is not None:
-            m.weight_zero = z
-        if lin.bias is not None:
-            m.bias = nn.Parameter(lin.bias.detach().float().clone())
-        return m
+        return m._fill(lin, *quantize_int8(lin.weight, symmetric))
 
     def dequantize(self) -> torch.Tensor:
         return dequantize_int8(self.weight, self.weight_scale, self._zero())
@@ -218,13 +221,7 @@ class Int4Linear(QuantLinear):
     def from_float(cls, lin: nn.Linear, symmetric: bool = False, group_size: int | None = 128,
                    name: str = "", **_: Any) -> Int4Linear:
         m = cls(lin.in_features, lin.out_features, lin.bias is not None, symmetric, group_size, name)
-        p, s, z = quantize_int4(lin.weight, m.group_size, symmetric)
-        m.weight, m.weight_scale = p, s
-        if z is not None:
-            m.weight_zero = z
-        if lin.bias is not None:
-            m.bias = nn.Parameter(lin.bias.detach().float().clone())
-        return m
+        return m._fill(lin, *quantize_int4(lin.weight, m.group_size, symmetric))
 
     def dequantize(self) -> torch.Tensor:
         return dequantize_int4(self.weight, self.weight_scale, self._zero())
