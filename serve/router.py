@@ -149,8 +149,15 @@ try:
     from ray.serve._private.request_router.pow_2_router import PowerOfTwoChoicesRequestRouter
     from ray.serve.request_router import LocalityMixin, MultiplexMixin, RequestRouter
 except ImportError:  # pragma: no cover - ray always present in serve
-    RequestRouter = object  # type: ignore[assignment,misc]
-    LocalityMixin = MultiplexMixin = object  # type: ignore[assignment,misc]
+    # machines without Ray (the GPU host) still import the policy and the hashing
+    class RequestRouter:  # type: ignore[no-redef]
+        pass
+
+    class LocalityMixin:  # type: ignore[no-redef]
+        pass
+
+    class MultiplexMixin:  # type: ignore[no-redef]
+        pass
 
 
 class CacheAwareRouter(LocalityMixin, MultiplexMixin, RequestRouter):  # type: ignore[misc,valid-type]

@@ -42,10 +42,13 @@ from serve.router import CacheAwarePolicy, prompt_block_hashes
 ONE = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
 
 
+DEVICE = {"device": "cpu", "dtype": "float32"}  # --device / --dtype
+
+
 def engine_cfg(num_blocks: int, max_num_seqs: int = 8, budget: int = 2048) -> EngineConfig:
     return EngineConfig(
-        device="cpu",
-        dtype="float32",
+        device=DEVICE["device"],
+        dtype=DEVICE["dtype"],
         num_blocks=num_blocks,
         max_num_seqs=max_num_seqs,
         max_num_batched_tokens=budget,
@@ -325,6 +328,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--imbalance-abs", type=int, default=RouterConfig().imbalance_abs, help="router.imbalance_abs"
     )
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="engine device (the store stays in host memory)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None, help="default: float32 on CPU, bfloat16 on CUDA")
     p.add_argument("--skip-ttft", action="store_true")
     p.add_argument("--skip-routing", action="store_true")
     p.add_argument(
@@ -334,12 +339,13 @@ def main(argv: list[str] | None = None) -> int:
         "--stat", choices=["median", "min"], default="median", help="TTFT statistic over --repeats"
     )
     args = p.parse_args(argv)
+    DEVICE.update(device=args.device, dtype=args.dtype or ("bfloat16" if args.device == "cuda" else "float32"))
     torch.set_num_threads(args.threads)
     seq_len = max(args.prefix_tokens + 64, args.system_tokens + args.suffix_tokens + args.output_tokens + 16)
     model = Transformer(preset(args.model, max_seq_len=max(seq_len, 512))).init_weights(0).eval()
     print(
         f"# serve.kv.bench: {args.model} ({model.num_params() / 1e6:.1f}M params), torch {torch.__version__}, "
-        f"{torch.get_num_threads()} threads, command: python -m serve.kv.bench {' '.join(argv or sys.argv[1:])}"
+        f"{torch.get_num_threads()} threads, {DEVICE['device']} {DEVICE['dtype']}, command: python -m serve.kv.bench {' '.join(argv or sys.argv[1:])}"
     )
     if not args.skip_ttft:
         names = [b for b in args.backends.split(",") if b]

@@ -15,6 +15,7 @@ from cluster.config import load_config, schema_for
 
 REPO = Path(__file__).resolve().parents[3]
 KUBERAY = REPO / "infra" / "kuberay"
+pytest.importorskip("ray")  # checks manifests against the installed Ray
 RAY_VERSION = importlib.metadata.version("ray")
 
 
