@@ -7,12 +7,14 @@ that pass the gate (each with lineage and its measurements in the registry manif
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, ValidationError, model_validator
 
-from cluster.config.base import StrictModel
+from cluster.config.base import StrictModel, deep_merge
 from cluster.config.data import DataConfig
+from cluster.config.distill import DistillConfig
+from cluster.config.losses import KDLossConfig
 from cluster.config.registry import RegistryConfig
 
 GROUP_SIZES = (32, 64, 128)
@@ -123,6 +125,37 @@ class EvalConfig(StrictModel):
         return self
 
 
+class RecoveryConfig(StrictModel):
+    """Prune, then distill (Minitron): the structurally pruned model is the student (``student_init``),
+    the unpruned source the teacher, trained by the distillation job (Ray Train + DeepSpeed)."""
+
+    enabled: bool = Field(False, description="Recover every structurally pruned variant by distillation.")
+    steps: int = Field(200, ge=1, description="Optimizer steps of each recovery run.")
+    lr: float = Field(1e-3, gt=0, description="Peak learning rate (AdamW, warm-up + cosine).")
+    warmup_steps: int = Field(10, ge=0, description="Linear warm-up steps (< steps).")
+    seq_len: int | None = Field(None, ge=8, description="Training sequence length; default: eval.seq_len.")
+    micro_batch_size: int = Field(8, ge=1, description="Sequences per worker per step.")
+    num_workers: int = Field(2, ge=1, description="Ray Train workers.")
+    loss: KDLossConfig = Field(
+        default_factory=lambda: KDLossConfig(kind="fkl", temperature=1.0, alpha=1.0),
+        description="Distillation loss; default: pure forward KL to the source's logits at T=1 (as Minitron).",
+    )
+    distill: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Any other distillation-job fields (nested, as in configs/distill/*.yaml), e.g. "
+        "{zero_stage: 2, checkpoint_every: 50}; teacher, student, data, registry and publishing are the job's.",
+    )
+
+
+def recovers(v: VariantConfig) -> bool:
+    """Whether recovery (when enabled) applies to this variant: structured pruning only."""
+    return v.prune is not None and v.prune.method == "structured"
+
+
+RESERVED_DISTILL = ("data", "teacher", "student", "student_preset", "student_init", "registry", "publish",
+                    "publish_name", "publish_alias", "run_dir")
+
+
 class CompressConfig(StrictModel):
     source: str = Field(
         "student@latest",
@@ -142,6 +175,11 @@ class CompressConfig(StrictModel):
         description="Variants built from the source, each evaluated and gated on its own.",
     )
     gate: GateConfig = Field(default_factory=GateConfig, description="Default gate for every variant.")
+    recovery: RecoveryConfig = Field(
+        default_factory=RecoveryConfig,
+        description="Distill structurally pruned variants from the source (a registry ref); quantized variants "
+        "of a pruned model are then built from the recovered weights.",
+    )
     eval: EvalConfig = Field(default_factory=EvalConfig, description="Evaluation settings.")
     registry: RegistryConfig = Field(default_factory=RegistryConfig, description="Where the source comes from and variants go.")
     publish_prefix: str | None = Field(
@@ -157,4 +195,37 @@ class CompressConfig(StrictModel):
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:
             raise ValueError(f"duplicate variant names: {', '.join(dup)}")
+        if self.recovery.enabled:
+            if not any(recovers(v) for v in self.variants):
+                raise ValueError("recovery.enabled needs a variant with structured pruning (prune: {method: structured}); "
+                                 "magnitude / 2:4 zeros would be refilled by dense fine-tuning")
+            taken = sorted(set(self.recovery.distill) & set(RESERVED_DISTILL))
+            if taken:
+                raise ValueError(f"recovery.distill may not set {', '.join(taken)}: the compress job sets them")
+            recovered = {f"{v.name}-recovered" for v in self.variants if recovers(v) and v.quant is None}
+            clash = sorted(recovered & set(names))
+            if clash:
+                raise ValueError(f"variant name(s) {', '.join(clash)} clash with the recovered rows' names")
+            self.recovery_distill(teacher=self.source, student_init="check:1", data=self.data, run_dir=".")
         return self
+
+    def recovery_distill(self, teacher: str, student_init: str, data: DataConfig, run_dir: str) -> DistillConfig:
+        """The distillation job config of one recovery run (raises ValueError naming the bad field)."""
+        r = self.recovery
+        base = {
+            "data": data.model_dump(), "teacher": teacher, "student_init": student_init,
+            "loss": r.loss.model_dump(), "teacher_source": "online", "mode": "zero", "zero_stage": 1,
+            "num_workers": r.num_workers, "micro_batch_size": r.micro_batch_size, "steps": r.steps,
+            "seq_len": r.seq_len or self.eval.seq_len, "lr": r.lr, "warmup_steps": r.warmup_steps,
+            "checkpoint_every": r.steps, "seed": self.seed, "registry": self.registry.model_dump(),
+            "eval": {"seq_len": self.eval.seq_len, "stride": self.eval.stride, "batch_size": self.eval.batch_size,
+                     "max_tokens": self.eval.max_tokens, "teacher": False},
+            "publish": False, "run_dir": run_dir,
+        }
+        try:
+            return DistillConfig.model_validate(deep_merge(base, r.distill))
+        except ValidationError as e:
+            err = e.errors()[0]
+            where = ".".join(str(p) for p in err["loc"])
+            raise ValueError(f"recovery: distill{'.' + where if where else ''}: "
+                             f"{err['msg'].removeprefix('Value error, ')}") from None

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, model_validator
@@ -42,6 +43,12 @@ class DistillConfig(StrictModel):
     teacher: str = Field("teacher@latest", description="Registry ref of the teacher: name@alias, name:VERSION or name.")
     student_preset: str = Field("small-student", description=f"Student architecture preset ({', '.join(PRESETS)}).")
     student: ModelConfig | None = Field(None, description="Explicit student architecture; overrides student_preset.")
+    student_init: str | None = Field(
+        None,
+        description="Start the student from this checkpoint instead of a fresh init: a registry ref (name@alias, "
+        "name:VERSION) or a checkpoint directory. Its config.json is the student's architecture (an explicit "
+        "student / student_preset must match it) and its tokenizer must be the data's.",
+    )
     loss: KDLossConfig = Field(default_factory=KDLossConfig, description="The distillation loss.")
     teacher_source: Literal["online", "topk"] = Field(
         "online", description="online: the frozen teacher runs in every worker (no grad); topk: read the top-k cache."
@@ -86,7 +93,9 @@ class DistillConfig(StrictModel):
 
     @model_validator(mode="after")
     def _check(self) -> DistillConfig:
-        model = self.student_model()
+        # a student_init registry ref has no architecture until make_plan resolves it (and checks it then)
+        model = None if self.student is None and self.student_init and not init_is_dir(self.student_init) \
+            else self.student_model()
         if self.mode == "pipeline":
             if self.zero_stage >= 2:
                 raise ValueError(
@@ -100,7 +109,7 @@ class DistillConfig(StrictModel):
                 raise ValueError(
                     f"num_workers ({self.num_workers}) must be a multiple of pipeline_stages ({self.pipeline_stages})"
                 )
-            if self.pipeline_stages > model.n_layers:
+            if model is not None and self.pipeline_stages > model.n_layers:
                 raise ValueError(
                     f"pipeline_stages ({self.pipeline_stages}) > the student's n_layers ({model.n_layers}): "
                     "every stage needs at least one decoder block"
@@ -119,7 +128,7 @@ class DistillConfig(StrictModel):
                 f"global_batch_size ({self.global_batch_size}) != micro_batch_size ({self.micro_batch_size}) x "
                 f"grad_accum ({self.grad_accum}) x data-parallel world ({self.dp_world}) = {want}"
             )
-        if self.seq_len > model.max_seq_len:
+        if model is not None and self.seq_len > model.max_seq_len:
             raise ValueError(f"seq_len ({self.seq_len}) > the student's max_seq_len ({model.max_seq_len})")
         if self.warmup_steps >= self.steps and self.steps > 1:
             raise ValueError(f"warmup_steps ({self.warmup_steps}) must be < steps ({self.steps})")
@@ -128,6 +137,8 @@ class DistillConfig(StrictModel):
     def student_model(self) -> ModelConfig:
         if self.student is not None:
             return self.student
+        if self.student_init is not None:
+            return init_architecture(self.student_init)
         if self.student_preset not in PRESETS:
             raise ValueError(f"unknown student_preset {self.student_preset!r}; known: {', '.join(PRESETS)}")
         return preset(self.student_preset)
@@ -152,3 +163,18 @@ class DistillConfig(StrictModel):
                   "publish_name", "publish_alias", "registry", "cpus_per_worker", "run_dir"):
             d.pop(k, None)
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def init_is_dir(student_init: str) -> bool:
+    return Path(student_init).expanduser().is_dir()
+
+
+def init_architecture(student_init: str) -> ModelConfig:
+    """The architecture in a ``student_init`` checkpoint directory's config.json."""
+    from cluster.checkpoint import config_from_hf, read_hf_config  # torch: only when a checkpoint is read
+
+    if not init_is_dir(student_init):
+        raise ValueError(f"student_init {student_init!r} is not a checkpoint directory (a registry ref is "
+                         "resolved by train.distill.job.make_plan)")
+    path = Path(student_init).expanduser()
+    return config_from_hf(read_hf_config(path), source=str(path / "config.json"))

@@ -61,10 +61,11 @@ def make_plan(cfg: DistillConfig, job_id: str) -> tuple[Plan, dict[str, Any]]:
     from train.distill.losses import check_same_tokenizer
 
     data = prepare(cfg.data)
+    reg = open_registry(cfg.registry)
+    init_ref = pin_student_init(cfg, reg, data.tokenizer_sha256) if cfg.student_init else None
     student = cfg.student_model()
     if student.vocab_size < data.vocab_size:
         raise RetortError(f"student vocab_size {student.vocab_size} < the tokenizer's {data.vocab_size}")
-    reg = open_registry(cfg.registry)
     teacher_ref = reg.ref(cfg.teacher)  # name@alias -> name:N, pinned for the lineage
     teacher_dir = reg.resolve(teacher_ref)
     check_same_tokenizer(teacher_dir, data.tokenizer_sha256)
@@ -84,8 +85,59 @@ def make_plan(cfg: DistillConfig, job_id: str) -> tuple[Plan, dict[str, Any]]:
                 config_hash=cfg.training_hash(), job_id=job_id, metrics_path=str(run_dir / "metrics.jsonl"))
     info = {"teacher_ref": str(teacher_ref), "data_fingerprint": data.fingerprint,
             "tokenizer_sha256": data.tokenizer_sha256, "tokenizer_dir": str(data.tokenizer_dir),
-            "run_dir": str(run_dir), "resuming": resuming}
+            "run_dir": str(run_dir), "resuming": resuming, "student_init_ref": init_ref}
     return plan, info
+
+
+def pin_student_init(cfg: DistillConfig, reg, tokenizer_sha256: str) -> str:
+    """Resolve ``cfg.student_init`` (sha256-verified when from the registry) and pin it in ``cfg``.
+
+    Afterwards ``cfg.student_init`` is the checkpoint directory and ``cfg.student`` its
+    architecture, so the workers (which may not see the driver's registry settings) load exactly
+    that checkpoint, and the training hash covers both. Returns the pinned ref (``name:N``) or the
+    directory, for the lineage. Refuses an explicit student / student_preset that differs from the
+    checkpoint's architecture, a quantized checkpoint and a tokenizer other than the data's.
+    """
+    from pydantic import ValidationError
+
+    from cluster.checkpoint import config_from_hf, read_hf_config
+    from cluster.config.distill import init_is_dir
+    from cluster.config.model import preset
+    from train.distill.losses import check_same_tokenizer
+
+    given = cfg.student_init
+    if init_is_dir(given):
+        path = Path(given).expanduser().resolve()
+        ref = str(path)
+    else:
+        pinned = reg.ref(given)  # unknown name / version / alias -> one-line RetortError
+        path, ref = Path(reg.resolve(pinned)), str(pinned)
+    hf = read_hf_config(path)
+    if hf.get("quantization_config"):
+        raise RetortError(f"student_init {ref} is quantized ({hf['quantization_config'].get('scheme')}); "
+                          "distillation trains floating-point weights")
+    arch = config_from_hf(hf, source=str(path / "config.json"))
+    if cfg.student is not None:
+        explicit, what = cfg.student, "student"
+    elif "student_preset" in cfg.model_fields_set:
+        explicit, what = preset(cfg.student_preset), f"student_preset {cfg.student_preset!r}"
+    else:
+        explicit = None
+    ignore = {"init_std"}  # only shapes fresh weights
+    if explicit is not None and explicit.model_dump(exclude=ignore) != arch.model_dump(exclude=ignore):
+        diff = ", ".join(f"{k} {v} != {getattr(arch, k)}" for k, v in explicit.model_dump(exclude=ignore).items()
+                         if getattr(arch, k) != v)
+        raise RetortError(f"{what} conflicts with student_init {ref} ({diff}): the architecture comes from the "
+                          "checkpoint; drop the explicit one")
+    try:
+        check_same_tokenizer(path, tokenizer_sha256)
+    except RetortError as e:
+        raise RetortError(f"student_init {ref}: {e}") from None
+    try:
+        cfg.student_init, cfg.student = str(path), arch
+    except ValidationError as e:
+        raise RetortError(f"student_init {ref}: {e.errors()[0]['msg'].removeprefix('Value error, ')}") from None
+    return ref
 
 
 def find_topk_dir(cfg: DistillConfig, data_dir: Path, teacher_ref) -> Path:
@@ -103,7 +155,8 @@ def find_topk_dir(cfg: DistillConfig, data_dir: Path, teacher_ref) -> Path:
 
 
 def lineage_of(cfg: DistillConfig, info: dict[str, Any], job_id: str) -> dict[str, Any]:
-    return {"parents": [info["teacher_ref"]], "dataset_fingerprint": info["data_fingerprint"],
+    init = [info["student_init_ref"]] if info.get("student_init_ref") else []  # a fine-tuned checkpoint's origin
+    return {"parents": [info["teacher_ref"], *init], "dataset_fingerprint": info["data_fingerprint"],
             "tokenizer_sha256": info["tokenizer_sha256"], "config": cfg.model_dump(mode="json"),
             "ray_job_id": job_id, "kind": "distill", "mode": cfg.mode, "zero_stage": cfg.zero_stage}
 

@@ -89,7 +89,10 @@ def build_student(cfg: DistillConfig, teacher_d: int | None) -> DistillModule:
     from train.distill.losses import HiddenProjector
 
     torch.manual_seed(cfg.seed)
-    student = Transformer(cfg.student_model()).init_weights(cfg.seed)
+    if cfg.student_init is not None:  # make_plan pinned it to a verified checkpoint directory
+        student = Transformer.from_pretrained(cfg.student_init).float()
+    else:
+        student = Transformer(cfg.student_model()).init_weights(cfg.seed)
     proj = None
     if cfg.loss.hidden_weight > 0:
         if teacher_d is None:
