@@ -75,6 +75,11 @@ class DistillConfig(StrictModel):
     weight_decay: float = Field(0.1, ge=0, description="AdamW weight decay (not on norms/biases).")
     betas: tuple[float, float] = Field((0.9, 0.95), description="AdamW betas.")
     grad_clip: float = Field(1.0, ge=0, description="Gradient-norm clip (0 = off).")
+    compile: bool = Field(
+        False,
+        description="torch.compile the student's and the online teacher's decoder blocks (GPU: fused kernels; "
+        "the first steps compile). ZeRO <= 2.",
+    )
     bf16: bool = Field(False, description="bf16 mixed precision (GPUs with bf16; CPU runs stay fp32 if false).")
     offload_optimizer: bool = Field(False, description="ZeRO optimizer-state offload to CPU (stage >= 1).")
     seed: int = Field(0, description="Student init, data order and dropout seed.")
@@ -118,6 +123,8 @@ class DistillConfig(StrictModel):
                 raise ValueError("loss.hidden_weight > 0 needs an online teacher; pipeline mode uses the top-k cache")
         if self.teacher_source == "topk" and self.loss.hidden_weight > 0:
             raise ValueError("loss.hidden_weight > 0 needs teacher_source=online (the cache holds no hidden states)")
+        if self.compile and self.zero_stage >= 3:
+            raise ValueError("compile with zero_stage=3: ZeRO-3's parameter hooks break torch.compile graphs; use stage <= 2")
         if self.offload_optimizer and self.zero_stage == 0:
             raise ValueError("offload_optimizer needs zero_stage >= 1 (ZeRO-Offload partitions the optimizer state)")
         if self.publish_alias == "latest":

@@ -174,7 +174,7 @@ class KVCacheManager:
             return 0
         ids = self.pool.allocate(len(todo))
         dst = torch.tensor(ids, dtype=torch.long, device=ref.device)
-        src = torch.tensor(todo, dtype=torch.long)
+        src = torch.tensor(todo, dtype=torch.long, device=k.device)  # the connector decodes onto the pool's device
         for layer, cache in enumerate(self.kv):
             cache[0].index_copy_(0, dst, k[layer].index_select(0, src).to(ref.device))
             cache[1].index_copy_(0, dst, v[layer].index_select(0, src).to(ref.device))

@@ -206,7 +206,7 @@ def print_ttft(res: list[dict[str, Any]], args: argparse.Namespace) -> None:
     base, sizes = res[0]["recompute"], res[0]["sizes"]
     full = sizes[-1]
     print(
-        f"\n## TTFT, {full * 16}-token prefix computed by another engine ({args.model}, CPU, fp32, "
+        f"\n## TTFT, {full * 16}-token prefix computed by another engine ({args.model}, {DEVICE['device']}, {DEVICE['dtype']}, "
         f"{args.stat} of {args.repeats} wall-clock runs)\n"
     )
     print(

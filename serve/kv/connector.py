@@ -222,7 +222,7 @@ class KVConnector:
         if n < self.cfg.min_fetch_blocks:
             return None
         try:
-            k, v = decode_blocks(self.layout, keys[:n], records[:n])
+            k, v = decode_blocks(self.layout, keys[:n], records[:n], device=self.kv.kv[0].device)
         except BadBlock as e:
             self.stats.bad_blocks += 1
             log.warning("kv store returned a bad block; recomputing the prefix: %s", e)

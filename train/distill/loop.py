@@ -421,6 +421,25 @@ class StepMetrics:
         self.bar.close()
 
 
+def compile_blocks(*models: Transformer | None) -> None:
+    """``nn.Module.compile`` every decoder block in place (parameter names, checkpoints and the HF export
+    are unchanged; one graph per block shape, reused by all layers)."""
+    for m in models:
+        if m is not None:
+            for block in m.model.layers:
+                block.compile()
+
+
+def teacher_flops_per_token(cfg: DistillConfig, teacher: Transformer | None) -> float:
+    """Forward FLOPs per token of the online teacher (``2·N + 4·L·T·H·D``); 0 for the top-k cache."""
+    if teacher is None:
+        return 0.0
+    m = teacher.cfg
+    attn = m.d_model * (m.n_heads + 2 * m.n_kv_heads) * m.dim_head + m.n_heads * m.dim_head * m.d_model
+    n = m.n_layers * (attn + 3 * m.d_model * m.d_ff) + m.vocab_size * m.d_model
+    return 2.0 * n + 4.0 * m.n_layers * cfg.seq_len * m.n_heads * m.dim_head
+
+
 def flops_per_token(cfg: DistillConfig) -> float:
     """Student training FLOPs per token (PaLM's MFU convention): ``6·N + 12·L·T·H·D``.
 
@@ -446,6 +465,8 @@ def run_worker(cfg: DistillConfig, plan: Plan, hooks: Hooks, use_ray: bool) -> d
     if cfg.teacher_source == "online":
         teacher = load_teacher(plan, device, cfg.bf16 and cfg.use_gpu)
     module = build_student(cfg, teacher.cfg.d_model if teacher is not None else None)
+    if cfg.compile:
+        compile_blocks(module.student, teacher)
     engine = build_engine(cfg, module, plan)
     step = 0
     with hooks.restored_dir() as d:
@@ -480,7 +501,9 @@ def run_worker(cfg: DistillConfig, plan: Plan, hooks: Hooks, use_ray: bool) -> d
         elif step % cfg.log_every == 0:
             hooks.report(row, None)
     log.close()
-    steady = times[1:] or times  # the first step of a process includes warm-up
+    warm = 3 if cfg.compile and len(times) > 6 else 1  # the first step(s) of a process warm up / compile
+    steady = times[warm:] or times
     stats = {"train_tokens_per_s": tokens_per_step * len(steady) / max(sum(steady), 1e-9) if steady else 0.0,
-             "flops_per_token": flops_per_token(cfg), "steps_this_attempt": len(times)}
+             "flops_per_token": flops_per_token(cfg), "teacher_flops_per_token": teacher_flops_per_token(cfg, teacher),
+             "steps_this_attempt": len(times)}
     return {"engine": engine, "teacher": teacher, "step": step, "stats": stats}

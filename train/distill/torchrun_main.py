@@ -69,9 +69,13 @@ def run(cfg) -> dict[str, Any]:
     peak = peak_flops()
     if peak:
         stats["mfu"] = stats["train_tokens_per_s"] * stats["flops_per_token"] / (peak * world)
+        # hardware FLOPs utilisation: the online teacher's forward is work the GPU does too
+        stats["hfu_with_teacher"] = (stats["train_tokens_per_s"] * (stats["flops_per_token"] + stats["teacher_flops_per_token"])
+                                     / (peak * world))
     final = finish_worker(cfg, plan, res, hooks, info["tokenizer_dir"], stats)
     if rank == 0 and final is not None:
-        print(json.dumps({"torchrun": {k: final[k] for k in ("train_tokens_per_s", "flops_per_token", "mfu", "val_ppl")
+        print(json.dumps({"torchrun": {k: final[k] for k in ("train_tokens_per_s", "flops_per_token", "teacher_flops_per_token", "mfu",
+                                                                  "hfu_with_teacher", "val_ppl")
                                        if k in final}, "world": world, "plan": asdict(plan)}), flush=True)
         student = Path(info["run_dir"]) / "final" / "hf"
         if cfg.publish:

@@ -48,7 +48,7 @@ def test_codec_round_trip_bfloat16():
     assert k2.dtype == torch.bfloat16 and torch.equal(k2, k) and torch.equal(v2, v)
 
 
-@pytest.mark.parametrize("damage", ["truncate", "flip", "other_key", "other_layout", "not_bytes"])
+@pytest.mark.parametrize("damage", ["truncate", "flip", "swap_words", "other_key", "other_layout", "not_bytes"])
 def test_decode_refuses_bad_records(damage):
     k, v = blocks(1)
     ks = keys(1)
@@ -57,6 +57,9 @@ def test_decode_refuses_bad_records(damage):
         rec = rec[:-10]
     elif damage == "flip":
         rec = rec[:-1] + bytes([rec[-1] ^ 0xFF])
+    elif damage == "swap_words":  # same words, other order: a plain sum would not see it
+        rec = rec[:-8] + rec[-4:] + rec[-8:-4]
+        assert rec != encode_blocks(LAYOUT, ks, k, v)[0]
     elif damage == "other_key":
         ks = keys(2)[1:]
     elif damage == "other_layout":

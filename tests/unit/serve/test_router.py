@@ -4,6 +4,8 @@ import asyncio
 import random
 
 import pytest
+
+pytest.importorskip("ray")  # the GPU host (`pytest -m gpu`) has no Ray
 from ray.serve._private.common import DeploymentHandleSource, DeploymentID, ReplicaID, RequestMetadata
 from ray.serve.request_router import PendingRequest
 
