@@ -1,10 +1,19 @@
 """CUDA graphs for decode steps (the hot path: one token per sequence, every step).
 
-A decode step launches a few hundred small kernels; replaying them as one captured graph
-removes the per-kernel launch cost, which dominates at small batch. Graphs are captured lazily
-for each (batch bucket, block-table bucket) actually seen, into one shared memory pool. Inputs
-live in static buffers; rows beyond the real batch are padding that reads and writes only the
-KV pool's scratch block.
+A decode step is a few hundred small kernels at small batch, so launch cost, not the GPU,
+sets its time. Two things cut it:
+
+* each decoder block runs as one ``torch.compile``-d function of tensors
+  (``fused_model.decode_layer``; the layer's weights are arguments, so one compiled graph serves
+  every layer): Inductor fuses the norms, RoPE, the KV write, the gather and the SwiGLU into a
+  handful of kernels around the matmuls and the attention kernel. Compiled with
+  ``dynamic=True`` (one compile for every batch / block-table size) and without Inductor's own
+  CUDA graphs: we capture those ourselves, below.
+* the whole step is captured as one CUDA graph per (batch bucket, block-table bucket) actually
+  seen, into one shared memory pool, and replayed. Inputs live in static buffers; rows beyond the
+  real batch are padding that reads and writes only the KV pool's scratch block.
+
+``compile=False`` (or a model with quantized projections) captures the eager forward instead.
 """
 
 from __future__ import annotations
@@ -14,7 +23,7 @@ from collections.abc import Callable
 
 import torch
 
-from cluster.model import Transformer, rope_cos_sin
+from serve.engine.fused_model import FusedModel, decode_layer
 from serve.engine.kv_cache_manager import KVCacheManager
 
 
@@ -27,9 +36,15 @@ def buckets(limit: int, start: list[int]) -> list[int]:
     return sorted(set(out + [limit]))
 
 
+def additive_mask(keep: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(B, L) bool keep-mask -> (B, 1, 1, L) additive mask, built once per step (not per layer)."""
+    return torch.zeros(keep.shape, dtype=dtype, device=keep.device).masked_fill_(~keep, float("-inf"))[:, None, None, :]
+
+
 class DecodeGraphs:
-    def __init__(self, model: Transformer, kv: KVCacheManager, device: torch.device, max_batch: int, max_blocks: int) -> None:
-        self.model, self.kv, self.device = model, kv, device
+    def __init__(self, fused: FusedModel, kv: KVCacheManager, device: torch.device, max_batch: int, max_blocks: int,
+                 compile: bool = True) -> None:
+        self.fused, self.kv, self.device = fused, kv, device
         self.batch_sizes = buckets(max_batch, [1, 2, 4, 8, 16, 24, 32, 48, 64])
         self.block_counts = buckets(max_blocks, [4, 8, 16, 32])
         B, NB = self.batch_sizes[-1], self.block_counts[-1]
@@ -43,6 +58,9 @@ class DecodeGraphs:
         self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.pool = torch.cuda.graph_pool_handle()
         self._copy_done: torch.cuda.Event | None = None
+        weights = [fused.decode_weights(i) for i in range(len(fused.layers))]
+        self.layer_weights = weights if compile and all(w is not None for w in weights) else None
+        self.layer_fn = torch.compile(decode_layer, dynamic=True, fullgraph=True) if self.layer_weights else None
 
     def fits(self, batch: int, blocks: int) -> bool:
         return batch <= self.batch_sizes[-1] and blocks <= self.block_counts[-1]
@@ -71,29 +89,34 @@ class DecodeGraphs:
         return out[:n]
 
     def _step_fn(self, b: int, nb: int) -> Callable[[], torch.Tensor]:
-        from serve.engine.model_runner import PagedAttention, StepMetadata, additive_mask
+        from serve.engine.model_runner import PagedAttention, StepMetadata
 
-        m, bs = self.model, self.kv.block_size
+        fm, bs = self.fused, self.kv.block_size
+        shape, eps = (fm.n_heads, fm.n_kv_heads, fm.head_dim), fm.eps
 
         def step() -> torch.Tensor:
             inp = self.inputs[:b]
             tokens, positions, slots, ctx = inp[:, 0], inp[:, 1], inp[:, 2].contiguous(), inp[:, 3]
             tables = inp[:, 4 : 4 + nb].contiguous()  # (b, nb)
             mask = additive_mask(torch.arange(nb * bs, device=self.device)[None, :] < ctx[:, None], self.kv.kv[0].dtype)
-            meta = StepMetadata(slots, slots, tables, mask, [])
-            attn = PagedAttention(self.kv, meta)
-            x = m.model.embed_tokens(tokens.view(1, b))  # (1, b, d)
-            cos, sin = rope_cos_sin(positions.view(1, b), m.cfg.dim_head, m.cfg.rope_theta, x.dtype)
-            for block in m.model.layers:
-                x = block(x, cos, sin, attn)
-            return m.lm_head(m.model.norm(x[0])).float()  # (b, V)
+            x = fm.embed(tokens)  # (b, d)
+            cos, sin = fm.rope_tables(positions)
+            if self.layer_fn is not None:
+                for w, cache in zip(self.layer_weights, self.kv.kv, strict=True):
+                    x = self.layer_fn(x, cos, sin, w, cache[0], cache[1], slots, tables, mask, shape, eps)
+            else:
+                attn = PagedAttention(self.kv, StepMetadata(slots, slots, tables, mask, []))
+                for i in range(len(fm.layers)):
+                    q, k, v = fm.qkv(i, x, cos, sin)
+                    x = fm.finish(i, x, attn.attend(i, q, k, v))
+            return fm.logits(x)  # (b, V)
 
         return step
 
     @torch.inference_mode()
     def _capture(self, b: int, nb: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
         fn = self._step_fn(b, nb)
-        # the warm-up run writes the current (real) inputs' k/v again: same values, harmless
+        # the warm-up run (which also compiles) writes the current (real) inputs' k/v again: same values, harmless
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):

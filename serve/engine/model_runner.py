@@ -1,8 +1,9 @@
 """Runs one engine step: builds the flat batch, runs the model over paged KV, returns logits.
 
-All scheduled tokens of all sequences go through the model as one flat row ``(1, N)`` (vLLM's
-layout), so the linear layers see one ``(N, d)`` matmul per step however the batch is mixed.
-Attention is the only per-sequence part; ``PagedAttention`` implements ``cluster.model.KVCache``:
+All scheduled tokens of all sequences go through the model as one flat batch ``(N, d)`` (vLLM's
+layout), so the linear layers see one matmul per step however the batch is mixed; the forward is
+``serve.engine.fused_model.FusedModel`` (fused q/k/v and gate/up, RoPE table). Attention is the
+only per-sequence part (``PagedAttention``):
 
 * new k/v are scattered into their slots of the paged pool (one ``index_copy_`` per layer);
 * decode tokens (one query each) are attended together: their blocks are gathered into a padded
@@ -22,14 +23,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from cluster.model import Transformer, rope_cos_sin
+from cluster.model import Transformer
+from serve.engine.cuda_graphs import additive_mask
+from serve.engine.fused_model import FusedModel, decode_attention
 from serve.engine.kv_cache_manager import KVCacheManager
 from serve.engine.request import Sequence
-
-
-def additive_mask(keep: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """(B, L) bool keep-mask -> (B, 1, 1, L) additive mask, built once per step (not per layer)."""
-    return torch.zeros(keep.shape, dtype=dtype, device=keep.device).masked_fill_(~keep, float("-inf"))[:, None, None, :]
 
 
 @dataclass
@@ -51,50 +49,37 @@ class StepMetadata:
 
 
 class PagedAttention:
-    """``cluster.model.KVCache`` over the engine's paged pool, for one step's flat batch."""
+    """Attention over the engine's paged pool for one step's flat batch (see the module docstring)."""
 
     def __init__(self, kv: KVCacheManager, meta: StepMetadata) -> None:
         self.kv = kv
         self.meta = meta
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """q (1, N, H, D), k/v (1, N, Hkv, D) -> (1, N, H, D)."""
+        """q (N, H, D), k/v (N, Hkv, D) -> (N, H, D); stores k/v in their slots first."""
         cache = self.kv.kv[layer]  # (2, NB, BS, Hkv, D)
         _, nb, bs, hkv, d = cache.shape
         m = self.meta
-        k_flat, v_flat = cache[0].view(nb * bs, hkv, d), cache[1].view(nb * bs, hkv, d)
-        k_flat.index_copy_(0, m.slot_mapping, k[0])
-        v_flat.index_copy_(0, m.slot_mapping, v[0])
-        gqa = q.shape[2] != hkv
+        cache[0].view(nb * bs, hkv, d).index_copy_(0, m.slot_mapping, k)
+        cache[1].view(nb * bs, hkv, d).index_copy_(0, m.slot_mapping, v)
         if m.decode_idx is not None and not m.prefills:
-            return self._decode(cache, q[0], gqa).unsqueeze(0)
-        out = torch.empty_like(q[0])  # (N, H, D)
+            return decode_attention(q, cache[0], cache[1], m.decode_tables, m.decode_mask)
+        gqa = q.shape[1] != hkv
+        out = torch.empty_like(q)  # (N, H, D)
         if m.decode_idx is not None:
-            out[m.decode_idx] = self._decode(cache, q[0], gqa)
+            out[m.decode_idx] = decode_attention(q[m.decode_idx], cache[0], cache[1], m.decode_tables, m.decode_mask)
         for c in m.prefills:
-            qs = q[0, c.start : c.start + c.q_len].transpose(0, 1)  # (H, q, D)
+            qs = q[c.start : c.start + c.q_len].transpose(0, 1)  # (H, q, D)
             if c.blocks is None:
-                ks = k[0, c.start : c.start + c.q_len].transpose(0, 1)  # (Hkv, q, D)
-                vs = v[0, c.start : c.start + c.q_len].transpose(0, 1)
+                ks = k[c.start : c.start + c.q_len].transpose(0, 1)  # (Hkv, q, D)
+                vs = v[c.start : c.start + c.q_len].transpose(0, 1)
                 o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, enable_gqa=gqa)
             else:
                 ks = cache[0, c.blocks].view(-1, hkv, d)[: c.ctx_len].transpose(0, 1)  # (Hkv, ctx, D)
                 vs = cache[1, c.blocks].view(-1, hkv, d)[: c.ctx_len].transpose(0, 1)
                 o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=c.mask, enable_gqa=gqa)
             out[c.start : c.start + c.q_len] = o.transpose(0, 1)
-        return out.unsqueeze(0)
-
-    def _decode(self, cache: torch.Tensor, q: torch.Tensor, gqa: bool) -> torch.Tensor:
-        """Decode queries (Bd, H, D) -> (Bd, H, D) over each sequence's gathered blocks."""
-        m = self.meta
-        _, _, bs, hkv, d = cache.shape
-        B, nbmax = m.decode_tables.shape
-        qd = q if len(m.prefills) == 0 else q[m.decode_idx]
-        qd = qd.unsqueeze(2)  # (Bd, H, 1, D)
-        kd = cache[0].index_select(0, m.decode_tables.reshape(-1)).view(B, nbmax * bs, hkv, d).transpose(1, 2)  # (Bd, Hkv, L, D)
-        vd = cache[1].index_select(0, m.decode_tables.reshape(-1)).view(B, nbmax * bs, hkv, d).transpose(1, 2)
-        o = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=m.decode_mask, enable_gqa=gqa)
-        return o.squeeze(2)
+        return out
 
 
 class ModelRunner:
@@ -106,14 +91,15 @@ class ModelRunner:
         self.kv = kv
         self.device = device
         self.block_size = kv.block_size
+        self.fused = FusedModel(model, max_model_len)
         self.graphs = None
         if cuda_graphs and device.type == "cuda":
             from serve.engine.cuda_graphs import DecodeGraphs
 
-            self.graphs = DecodeGraphs(model, kv, device, max_batch, -(-max_model_len // kv.block_size))
+            self.graphs = DecodeGraphs(self.fused, kv, device, max_batch, -(-max_model_len // kv.block_size))
 
     def build(self, seqs: list[Sequence], num_new: list[int]) -> tuple[torch.Tensor, torch.Tensor, StepMetadata, list[int]]:
-        """Flat tokens (1, N), positions (1, N), attention metadata, and the flat offsets of the
+        """Flat tokens (N,), positions (N,), attention metadata, and the flat offsets of the
         rows whose logits are needed (sequences whose chunk reaches their last known token)."""
         bs = self.block_size
         tokens: list[int] = []
@@ -139,8 +125,8 @@ class ModelRunner:
                 prefills.append((off, n, start + n, table[: -(-(start + n) // bs)]))
         meta = self._metadata(slots, dec_idx, dec_tables, dec_ctx, prefills)
         dev = self.device
-        tok = torch.tensor(tokens, dtype=torch.long).to(dev, non_blocking=True).unsqueeze(0)
-        pos = torch.tensor(positions, dtype=torch.long).to(dev, non_blocking=True).unsqueeze(0)
+        tok = torch.tensor(tokens, dtype=torch.long).to(dev, non_blocking=True)
+        pos = torch.tensor(positions, dtype=torch.long).to(dev, non_blocking=True)
         return tok, pos, meta, logit_rows
 
     def _metadata(self, slots, dec_idx, dec_tables, dec_ctx, prefills) -> StepMetadata:
@@ -174,17 +160,18 @@ class ModelRunner:
             if out is not None:
                 return out
         tokens, positions, meta, rows = self.build(seqs, num_new)
-        m = self.model
+        fm = self.fused
         attn = PagedAttention(self.kv, meta)
-        x = m.model.embed_tokens(tokens)  # (1, N, d)
-        cos, sin = rope_cos_sin(positions, m.cfg.dim_head, m.cfg.rope_theta, x.dtype)
-        for block in m.model.layers:
-            x = block(x, cos, sin, attn)
+        x = fm.embed(tokens)  # (N, d)
+        cos, sin = fm.rope_tables(positions)
+        for i in range(len(fm.layers)):
+            q, k, v = fm.qkv(i, x, cos, sin)
+            x = fm.finish(i, x, attn.attend(i, q, k, v))
         if not rows:
-            return x.new_empty((0, m.cfg.vocab_size), dtype=torch.float32)
-        idx = torch.tensor(rows, dtype=torch.long).to(self.device, non_blocking=True)
-        h = m.model.norm(x[0].index_select(0, idx))  # (S, d)
-        return m.lm_head(h).float()  # (S, V)
+            return x.new_empty((0, self.model.cfg.vocab_size), dtype=torch.float32)
+        if len(rows) < x.shape[0]:
+            x = x.index_select(0, torch.tensor(rows, dtype=torch.long).to(self.device, non_blocking=True))
+        return fm.logits(x)  # (S, V)
 
     def _graph_decode(self, seqs: list[Sequence]) -> torch.Tensor | None:
         bs = self.block_size
