@@ -9,8 +9,16 @@ with weight ``W (N=out, K=in)``; ``zero`` is an additive float offset, absent wh
   ``weight_scale`` fp32 (N, K/g) [, ``weight_zero`` fp32 (N, K/g)]; ``W ≈ (q - 8) * scale + zero``
   per group of g columns (gpt-fast / tinygemm convention, so the aten int4 kernels take it as is).
 - ``w8a8``  as symmetric ``int8``; activations are quantized to int8 on the fly.
-- ``w4a8``  stored as ``int4``; computes as w8a8 (the int4 weights re-rounded to per-channel int8
-  once, at first use): int4 size on disk, int8 kernels at run time.
+- ``w4a8``  stored as ``int4``; activations are quantized to int8 on the fly. Computed by Retort's
+  int4 x int8 kernel (``cluster/kernels``), or with int8 kernels after re-rounding the int4 weights
+  to per-channel int8 once, at first use.
+
+Embeddings (``quantization_config["embeddings"]``, absent when the table stays in floating point):
+the ``(vocab, d)`` table is stored like a linear with ``out = vocab, in = d`` under
+``model.embed_tokens.{weight, weight_scale[, weight_zero]}`` in the layout of its own scheme (per row
+for int8, groups along ``d`` for int4). A lookup dequantizes the gathered rows; when the model ties
+its LM head, the head runs that same quantized matrix through the linear kernels (nothing is stored
+under ``lm_head``).
 
 The on-disk layout is canonical; each kernel derives its own packed form at first use. Which
 kernel runs is chosen by measurement (:func:`select_kernel`) per device, dtype, shape and batch
@@ -31,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cluster import kernels as _ext
 from cluster.errors import RetortError
 
 SCHEMES = ("int8", "int4", "w8a8", "w4a8")
@@ -347,14 +356,44 @@ def _int4_cuda_run(m: QuantLinear, x: torch.Tensor) -> torch.Tensor:
     return torch._weight_int4pack_mm(x.to(torch.bfloat16).contiguous(), packed, m.group_size, sz).float()
 
 
+def _retort_state(m: QuantLinear) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The extension's layout: repacked codes, scale (N, G), offset = zero - 8 * scale (N, G)."""
+    zero = m._zero()
+    offset = (zero.float() if zero is not None else 0.0) - 8.0 * m.weight_scale.float()
+    return _ext.repack_int4(unpack_int4(m.weight)), m.weight_scale.float().contiguous(), offset.contiguous()
+
+
+def _retort_ops() -> Any:
+    ops = _ext.int4_ops()
+    if ops is None:
+        raise RuntimeError(f"retort int4 CPU kernel unavailable: {_ext.unavailable_reason()}")
+    return ops
+
+
+def _retort_f32_run(m: QuantLinear, x: torch.Tensor) -> torch.Tensor:
+    """Retort's weight-only int4 kernel: fp32 activations, weights dequantized in registers."""
+    ops = _retort_ops()
+    w, s, o = m.prepared("retort_int4", lambda: _retort_state(m))
+    return ops.int4_f32(x.float().contiguous(), w, s, o, m.group_size)
+
+
+def _retort_a8_run(m: QuantLinear, x: torch.Tensor) -> torch.Tensor:
+    """Retort's int4 x int8 kernel: per-token int8 activations (as the reference), integer dots per group."""
+    ops = _retort_ops()
+    w, s, o = m.prepared("retort_int4a8", lambda: _retort_state(m))
+    return ops.int4_a8(x.float().contiguous(), w, s, o, m.group_size)
+
+
 DEQUANT = Kernel("dequant", ("cpu", "cuda"), _dequant_run)
 KERNELS: dict[str, dict[str, Kernel]] = {
     "int8": {k.name: k for k in (DEQUANT, Kernel("int8pack", ("cpu", "cuda"), _int8pack_run))},
     "int4": {k.name: k for k in (DEQUANT, Kernel("int4pack_cpu", ("cpu",), _int4_cpu_run),
+                                 Kernel("retort_int4", ("cpu",), _retort_f32_run),
                                  Kernel("int4pack", ("cuda",), _int4_cuda_run, rtol=2e-2))},  # bf16 compute
     "w8a8": {k.name: k for k in (DEQUANT, Kernel("int_mm", ("cpu", "cuda"), _int_mm_run),
                                  Kernel("fbgemm", ("cpu",), _fbgemm_run, exact=False, rtol=5e-2))},
-    "w4a8": {k.name: k for k in (DEQUANT, Kernel("int_mm", ("cpu", "cuda"), _int_mm_run, exact=False, rtol=3e-2),
+    "w4a8": {k.name: k for k in (DEQUANT, Kernel("retort_int4a8", ("cpu",), _retort_a8_run),
+                                 Kernel("int_mm", ("cpu", "cuda"), _int_mm_run, exact=False, rtol=3e-2),
                                  Kernel("fbgemm", ("cpu",), _fbgemm_run, exact=False, rtol=5e-2))},
 }
 
