@@ -69,6 +69,7 @@ class TopKCacheInfo:
     seconds: float
     tokens_per_s: float
     reused: bool = False
+    cpu_seconds: float = 0.0  # process CPU time: seconds x cores on an idle machine, more on a shared one
 
 
 def file_sha256(path: Path) -> str:
@@ -91,10 +92,13 @@ def weights_sha256(model_dir: str | os.PathLike[str]) -> str:
 
 
 def cache_fingerprint(
-    teacher_sha: str, data_fingerprint: str, seq_len: int, k: int, vocab_size: int, n_windows: int
+    teacher_sha: str, data_fingerprint: str, seq_len: int, k: int, vocab_size: int, n_windows: int,
+    bf16: bool = False,
 ) -> str:
     key = dict(format=FORMAT, teacher=teacher_sha, data=data_fingerprint, seq_len=seq_len, k=k,
                vocab_size=vocab_size, n_windows=n_windows)  # fmt: skip
+    if bf16:  # only then: fp32 caches keep the fingerprints they always had
+        key["compute"] = "bf16"
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
 
 
@@ -211,10 +215,14 @@ class TopKCache:
 
 @torch.inference_mode()
 def _topk_batch(
-    model: torch.nn.Module, x: np.ndarray, k: int, vocab_size: int, device: torch.device
+    model: torch.nn.Module, x: np.ndarray, k: int, vocab_size: int, device: torch.device, bf16: bool = False
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Windows ``x (B, L)`` -> top-k ids int32 ``(B, L, k)`` and fp16 log-probs ``(B, L, k)``."""
-    logits = model(torch.from_numpy(x.astype(np.int64)).to(device))  # (B, L, V)
+    """Windows ``x (B, L)`` -> top-k ids int32 ``(B, L, k)`` and fp16 log-probs ``(B, L, k)``.
+
+    ``bf16``: the model's matmuls run under bf16 autocast; the log-softmax and top-k are fp32.
+    """
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+        logits = model(torch.from_numpy(x.astype(np.int64)).to(device))  # (B, L, V)
     logits = logits[0] if isinstance(logits, tuple) else logits
     logp = F.log_softmax(logits[..., :vocab_size].float(), dim=-1)  # (B, L, V)
     vals, ids = logp.topk(k, dim=-1)  # (B, L, k)
@@ -251,6 +259,7 @@ def build_topk_cache(
     data_fingerprint: str,
     shard_windows: int = 4096,
     max_windows: int | None = None,
+    bf16: bool = False,
     progress: bool = True,
 ) -> TopKCacheInfo:
     """Run ``model`` over every training window of ``tokens`` once and write the cache to ``out_dir``.
@@ -267,7 +276,7 @@ def build_topk_cache(
         n_windows = min(n_windows, max_windows)
     if n_windows < 1:
         raise RetortError(f"{len(tokens)} tokens hold no window of seq_len {seq_len}")
-    fp = cache_fingerprint(teacher_sha256, data_fingerprint, seq_len, k, vocab_size, n_windows)
+    fp = cache_fingerprint(teacher_sha256, data_fingerprint, seq_len, k, vocab_size, n_windows, bf16)
     out = Path(out_dir).expanduser()
     if (out / MANIFEST).is_file():
         cache = TopKCache(out)
@@ -284,7 +293,7 @@ def build_topk_cache(
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()  # CPU time too: for runs on a shared machine
     bar = None
     if progress:
         from tqdm import tqdm
@@ -293,15 +302,16 @@ def build_topk_cache(
             total=n_windows * seq_len, desc=f"top-{k} cache", unit="tok", unit_scale=True, file=sys.stderr
         )
     shards: list[dict[str, Any]] = []
+    offsets = np.arange(seq_len)  # (L,)
     try:
         for s0 in range(0, n_windows, shard_windows):
             n = min(shard_windows, n_windows - s0)
             ids = np.empty((n, seq_len, k), dtype=np.int32)
             lps = np.empty((n, seq_len, k), dtype=np.float16)
             for b0 in range(0, n, batch_size):
-                w = np.arange(s0 + b0, s0 + min(b0 + batch_size, n))  # window ids
-                x = np.stack([np.asarray(tokens[i * seq_len : i * seq_len + seq_len]) for i in w])  # (B, L)
-                ids[b0 : b0 + len(w)], lps[b0 : b0 + len(w)] = _topk_batch(model, x, k, vocab_size, device)
+                w = np.arange(s0 + b0, s0 + min(b0 + batch_size, n))  # (B,) window ids
+                x = np.asarray(tokens[w[:, None] * seq_len + offsets])  # (B, L)
+                ids[b0 : b0 + len(w)], lps[b0 : b0 + len(w)] = _topk_batch(model, x, k, vocab_size, device, bf16)
                 if bar is not None:
                     bar.update(len(w) * seq_len)
             shards.append(_write_shard(tmp / f"shard-{len(shards):05d}.safetensors", ids, lps))
@@ -312,18 +322,20 @@ def build_topk_cache(
         if bar is not None:
             bar.close()
         model.train(was_training)
-    seconds = time.perf_counter() - t0
+    seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - c0
     manifest = dict(format=FORMAT, fingerprint=fp, teacher=teacher, teacher_sha256=teacher_sha256,
                     data_fingerprint=data_fingerprint, seq_len=seq_len, k=k, vocab_size=vocab_size,
                     n_windows=n_windows, shard_windows=shard_windows, bytes_per_token=k * BYTES_PER_ENTRY,
-                    seconds=round(seconds, 3), shards=shards)  # fmt: skip
+                    compute="bf16" if bf16 else "fp32", seconds=round(seconds, 3),
+                    cpu_seconds=round(cpu_seconds, 3), shards=shards)  # fmt: skip
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     out.parent.mkdir(parents=True, exist_ok=True)
     os.replace(tmp, out)
     n_tok = n_windows * seq_len
     size = _size(out)
     return TopKCacheInfo(
-        str(out), fp, n_windows, seq_len, k, n_tok, size, size / n_tok, seconds, n_tok / seconds
+        str(out), fp, n_windows, seq_len, k, n_tok, size, size / n_tok, seconds, n_tok / seconds,
+        cpu_seconds=cpu_seconds,
     )
 
 
@@ -362,10 +374,13 @@ def run(cfg) -> TopKCacheInfo:
         model, load_split(data.dir, "train"), t.seq_len, t.k, out, t.batch_size,
         vocab_size=data.vocab_size, teacher=str(ref), teacher_sha256=weights_sha256(teacher_dir),
         data_fingerprint=data.fingerprint, shard_windows=t.shard_windows, max_windows=t.max_windows,
+        bf16=t.bf16,
     )  # fmt: skip
     print(json.dumps({"topk_cache": asdict(info)}), flush=True)
     print(f"top-{info.k} cache: {info.n_windows} windows, {info.tokens} tokens, {info.bytes / 2**20:.1f} MiB, "
-          f"{info.bytes_per_token:.1f} B/token, {info.seconds:.1f} s{' (reused)' if info.reused else ''}", flush=True)  # fmt: skip
+          f"{info.bytes_per_token:.1f} B/token, {info.seconds:.1f} s ({info.cpu_seconds:.1f} CPU-s, "
+          f"{torch.get_num_threads()} threads{', bf16' if t.bf16 else ''}){' (reused)' if info.reused else ''}",
+          flush=True)  # fmt: skip
     print(info.dir, flush=True)
     return info
 

@@ -70,9 +70,32 @@ def distill_reads_topk(cfg: PipelineConfig) -> bool:
     return d.teacher_source == "topk" or d.mode == "pipeline"
 
 
+def topk_windows(cfg: PipelineConfig) -> int:
+    """Windows the distillation stages draw: ``steps x global_batch`` of each one that reads the cache.
+
+    A distill job reads ``tokens[:cache.token_limit]`` (``n_windows * seq_len + 1`` tokens), so its
+    loader draws a permutation of exactly the cached windows; with ``n_windows = steps x global_batch``
+    one epoch is the whole run and every cached window is read once (a longer run starts another epoch
+    over the same windows, never an uncached one).
+    """
+    specs = [s for s in ("distill", "baseline") if getattr(cfg, s).enabled]
+    return max(d.steps * d.global_batch for d in (_cfg(cfg, s, kind="distill") for s in specs)
+               if d.teacher_source == "topk" or d.mode == "pipeline")
+
+
 def wire_topk(p: Pipeline) -> list[str]:
-    d = _cfg(p, "distill")
-    return [f"topk.teacher={p.outputs['teacher']['ref']}", f"topk.seq_len={d.seq_len}"]
+    from cluster.registry import parse_ref
+
+    d, t = _cfg(p, "distill"), _cfg(p, "teacher")
+    windows = topk_windows(p.cfg)
+    if t.topk.max_windows is not None:
+        windows = min(windows, t.topk.max_windows)
+    ref = parse_ref(p.outputs["teacher"]["ref"])
+    # in this run's folder: a fresh registry numbers its teacher v1 again, and a shared
+    # <data dir>/topk/teacher-v1-... of another registry's teacher would be refused
+    name = f"{ref.name}-v{ref.version}-L{d.seq_len}-k{t.topk.k}-w{windows}{'-bf16' if t.topk.bf16 else ''}"
+    return [f"topk.teacher={p.outputs['teacher']['ref']}", f"topk.seq_len={d.seq_len}", f"topk.max_windows={windows}",
+            f"topk.dir={p.dir / 'topk' / name}"]
 
 
 def run_topk(p: Pipeline, wired: list[str]) -> dict[str, Any]:

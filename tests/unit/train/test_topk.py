@@ -153,3 +153,19 @@ def test_weights_sha256(teacher, tmp_path):
         weights_sha256(tmp_path)
     manifest = json.loads((tmp_path / "m" / "config.json").read_text())
     assert manifest["vocab_size"] == 64
+
+
+def test_bf16_cache_is_close_to_fp32_and_fingerprinted_apart(teacher, tokens, tmp_path):
+    fp32 = build(teacher, tokens, tmp_path / "fp32")
+    bf16 = build(teacher, tokens, tmp_path / "bf16", bf16=True)
+    assert bf16.fingerprint != fp32.fingerprint  # a cache of another precision is never reused as this one
+    assert TopKCache(tmp_path / "bf16").manifest["compute"] == "bf16"
+    assert TopKCache(tmp_path / "fp32").manifest["compute"] == "fp32"
+    with pytest.raises(RetortError, match="another fingerprint"):
+        build(teacher, tokens, tmp_path / "fp32", bf16=True)
+    a, b = TopKCache(tmp_path / "fp32"), TopKCache(tmp_path / "bf16")
+    idx = torch.arange(a.n_windows)
+    (ids32, lp32), (ids16, lp16) = a.lookup(idx), b.lookup(idx)
+    assert not torch.equal(lp16, lp32)  # the forward really ran in bf16
+    assert (ids32[..., 0] == ids16[..., 0]).float().mean() > 0.9  # the top-1 token mostly agrees
+    torch.testing.assert_close(lp16[..., 0].float(), lp32[..., 0].float(), atol=0.1, rtol=0.05)
