@@ -4,13 +4,13 @@ A decode step is a few hundred small kernels at small batch, so launch cost, not
 sets its time. Two things cut it:
 
 * each decoder block runs as one ``torch.compile``-d function of tensors
-  (``fused_model.decode_layer``; the layer's weights are arguments, so one compiled graph serves
+  (``fused_model.make_decode_layer``; the layer's weights are arguments, so one compiled graph serves
   every layer): Inductor fuses the norms, RoPE, the KV write, the gather and the SwiGLU into a
   handful of kernels around the matmuls and the attention kernel. Compiled with
   ``dynamic=True`` (one compile for every batch / block-table size) and without Inductor's own
   CUDA graphs: we capture those ourselves, below.
-* the whole step is captured as one CUDA graph per (batch bucket, block-table bucket) actually
-  seen, into one shared memory pool, and replayed. Inputs live in static buffers; rows beyond the
+* the whole step is captured as one CUDA graph per (batch bucket, block-table bucket), all at
+  load (``capture_all``), into one shared memory pool, and replayed. Inputs live in static buffers; rows beyond the
   real batch are padding that reads and writes only the KV pool's scratch block.
 
 ``compile=False`` (or a model with quantized projections) captures the eager forward instead.
@@ -23,7 +23,7 @@ from collections.abc import Callable
 
 import torch
 
-from serve.engine.fused_model import FusedModel, decode_layer
+from serve.engine.fused_model import FusedModel, make_decode_layer
 from serve.engine.kv_cache_manager import KVCacheManager
 
 
@@ -60,7 +60,18 @@ class DecodeGraphs:
         self._copy_done: torch.cuda.Event | None = None
         weights = [fused.decode_weights(i) for i in range(len(fused.layers))]
         self.layer_weights = weights if compile and all(w is not None for w in weights) else None
-        self.layer_fn = torch.compile(decode_layer, dynamic=True, fullgraph=True) if self.layer_weights else None
+        self.layer_fn = None
+        if self.layer_weights:
+            layer = make_decode_layer(fused.n_heads, fused.n_kv_heads, fused.head_dim, fused.eps)
+            self.layer_fn = torch.compile(layer, dynamic=True, fullgraph=True)
+
+    def capture_all(self) -> None:
+        """Compile and capture every (batch, blocks) bucket now, largest first (smaller graphs then
+        reuse the pool's memory), so no compile or capture happens while serving."""
+        for b in reversed(self.batch_sizes):
+            for nb in reversed(self.block_counts):
+                if (b, nb) not in self.graphs:
+                    self.graphs[(b, nb)] = self._capture(b, nb)
 
     def fits(self, batch: int, blocks: int) -> bool:
         return batch <= self.batch_sizes[-1] and blocks <= self.block_counts[-1]
@@ -92,7 +103,6 @@ class DecodeGraphs:
         from serve.engine.model_runner import PagedAttention, StepMetadata
 
         fm, bs = self.fused, self.kv.block_size
-        shape, eps = (fm.n_heads, fm.n_kv_heads, fm.head_dim), fm.eps
 
         def step() -> torch.Tensor:
             inp = self.inputs[:b]
@@ -103,7 +113,7 @@ class DecodeGraphs:
             cos, sin = fm.rope_tables(positions)
             if self.layer_fn is not None:
                 for w, cache in zip(self.layer_weights, self.kv.kv, strict=True):
-                    x = self.layer_fn(x, cos, sin, w, cache[0], cache[1], slots, tables, mask, shape, eps)
+                    x = self.layer_fn(x, cos, sin, w, cache[0], cache[1], slots, tables, mask)
             else:
                 attn = PagedAttention(self.kv, StepMetadata(slots, slots, tables, mask, []))
                 for i in range(len(fm.layers)):

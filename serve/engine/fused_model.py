@@ -90,8 +90,9 @@ class FusedModel:
             ))
         w = model.lm_head.weight
         pos = torch.arange(max_positions, device=w.device)[None]
-        cos, sin = rope_cos_sin(pos, cfg.dim_head, cfg.rope_theta, model.model.embed_tokens.weight.dtype)
+        cos, sin = rope_cos_sin(pos, cfg.dim_head, cfg.rope_theta, model.model.norm.weight.dtype)  # activation dtype
         self.cos, self.sin = cos[0], sin[0]  # (P, 1, D)
+        self.pre, self.post = layer_pieces(cfg.n_heads, cfg.n_kv_heads, cfg.dim_head, cfg.norm_eps)
 
     def rope_tables(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """positions (N,) -> cos, sin (N, 1, D)."""
@@ -100,26 +101,31 @@ class FusedModel:
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.model.model.embed_tokens(tokens)
 
+    def compile_pieces(self) -> None:
+        """Run the plain-weight layers' pre- and post-attention parts as ``torch.compile``-d
+        functions (dynamic token count; attention stays eager in between): a mixed prefill +
+        decode step then launches a few fused kernels per part instead of dozens of small ones."""
+        self.pre = torch.compile(self.pre, dynamic=True, fullgraph=True)
+        self.post = torch.compile(self.post, dynamic=True, fullgraph=True)
+
     def qkv(self, i: int, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         """Input norm, q/k/v projections and RoPE of layer ``i``: x (N, d) -> q (N, H, D), k, v (N, Hkv, D)."""
         lw, N = self.layers[i], x.shape[0]
+        if lw.qkv is not None:
+            return self.pre(x, cos, sin, lw.ln1, *lw.qkv)
         H, Hkv, D = self.n_heads, self.n_kv_heads, self.head_dim
         h = rms_norm(x, lw.ln1, self.eps)
-        if lw.qkv is not None:
-            qkv = F.linear(h, *lw.qkv)
-            qk = rope(qkv[:, : (H + Hkv) * D].view(N, H + Hkv, D), cos, sin)
-            q, k = qk[:, :H], qk[:, H:]
-            v = qkv[:, (H + Hkv) * D :].view(N, Hkv, D)
-        else:
-            a = lw.block.self_attn
-            q = rope(a.q_proj(h).view(N, H, D), cos, sin)
-            k = rope(a.k_proj(h).view(N, Hkv, D), cos, sin)
-            v = a.v_proj(h).view(N, Hkv, D)
-        return q, k, v
+        a = lw.block.self_attn
+        q = rope(a.q_proj(h).view(N, H, D), cos, sin)
+        k = rope(a.k_proj(h).view(N, Hkv, D), cos, sin)
+        return q, k, a.v_proj(h).view(N, Hkv, D)
 
     def finish(self, i: int, x: torch.Tensor, attn_out: torch.Tensor) -> torch.Tensor:
         """Output projection, residual, post-attention norm and MLP of layer ``i``."""
         lw = self.layers[i]
+        w = self.decode_weights(i)
+        if w is not None:
+            return self.post(x, attn_out, w[3], lw.ln2, w[5], w[6])
         blk = lw.block
         x = x + _linear(attn_out.reshape(x.shape[0], -1), lw.o, blk.self_attn.o_proj)
         h = rms_norm(x, lw.ln2, self.eps)
@@ -145,37 +151,61 @@ class FusedModel:
 
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, tables: torch.Tensor,
-                     mask: torch.Tensor) -> torch.Tensor:
+                     mask: torch.Tensor, n_rep: int) -> torch.Tensor:
     """One query per sequence over its paged KV: q (B, H, D); caches (NB, BS, Hkv, D); tables (B, nb)
-    block ids; mask (B, 1, 1, nb * BS) additive -> (B, H, D). The blocks are gathered into a padded
-    (B, Hkv, L, D) and one masked SDPA runs over the batch."""
+    block ids; mask (B, 1, 1, nb * BS) additive; n_rep = H // Hkv (a Python int) -> (B, H, D).
+    The blocks are gathered into a padded (B, Hkv, L, D) and one masked SDPA runs over the batch."""
     B, nb = tables.shape
     _, bs, hkv, d = k_cache.shape
     idx = tables.reshape(-1)
     k = k_cache.index_select(0, idx).view(B, nb * bs, hkv, d).transpose(1, 2)
     v = v_cache.index_select(0, idx).view(B, nb * bs, hkv, d).transpose(1, 2)
-    gqa = q.shape[1] != hkv
-    if gqa and q.is_cuda:  # CUDA's masked SDPA kernel has no GQA: expand the heads (CPU's flash kernel has)
-        k = k.repeat_interleave(q.shape[1] // hkv, dim=1)
-        v = v.repeat_interleave(q.shape[1] // hkv, dim=1)
+    gqa = bool(n_rep > 1)
+    if gqa and (q.is_cuda or torch.compiler.is_compiling()):
+        # CUDA's masked SDPA kernel has no GQA, and compiled, the expansion fuses into the gather:
+        # expand the kv heads (eager CPU's flash kernel does GQA itself, without the copy)
+        k, v = k.repeat_interleave(n_rep, dim=1), v.repeat_interleave(n_rep, dim=1)
         gqa = False
     return F.scaled_dot_product_attention(q.unsqueeze(2), k, v, attn_mask=mask, enable_gqa=gqa).squeeze(2)
 
 
-def decode_layer(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, w: tuple, k_cache: torch.Tensor,
-                 v_cache: torch.Tensor, slots: torch.Tensor, tables: torch.Tensor, mask: torch.Tensor,
-                 shape: tuple[int, int, int], eps: float) -> torch.Tensor:
-    """One whole decoder block for a decode batch, as a pure function of tensors (one compiled
-    graph serves every layer). x (B, d); w = (ln1, qkv_w, qkv_b, o_w, ln2, gate_up_w, down_w);
-    the new k/v are written to ``slots`` of the flat caches."""
-    ln1, qkv_w, qkv_b, o_w, ln2, gu_w, down_w = w
-    H, Hkv, D = shape
-    B = x.shape[0]
-    qkv = F.linear(rms_norm(x, ln1, eps), qkv_w, qkv_b)
-    qk = rope(qkv[:, : (H + Hkv) * D].view(B, H + Hkv, D), cos, sin)
-    k_cache.view(-1, Hkv, D).index_copy_(0, slots, qk[:, H:])
-    v_cache.view(-1, Hkv, D).index_copy_(0, slots, qkv[:, (H + Hkv) * D :].view(B, Hkv, D))
-    o = decode_attention(qk[:, :H], k_cache, v_cache, tables, mask)
-    x = x + F.linear(o.reshape(B, H * D), o_w)
-    g, u = F.linear(rms_norm(x, ln2, eps), gu_w).chunk(2, dim=-1)
-    return x + F.linear(F.silu(g) * u, down_w)
+def layer_pieces(n_heads: int, n_kv_heads: int, head_dim: int, eps: float):
+    """The two attention-free parts of a plain-weight decoder block, as pure functions of tensors
+    (sizes are closure constants, so one compiled graph of each serves every layer):
+
+    * ``pre(x, cos, sin, ln1, qkv_w, qkv_b) -> q (N, H, D), k, v (N, Hkv, D)``: norm, fused q/k/v, RoPE;
+    * ``post(x, attn (N, H, D), o_w, ln2, gate_up_w, down_w) -> x``: o_proj, residual, norm, SwiGLU, residual.
+    """
+    H, Hkv, D = n_heads, n_kv_heads, head_dim
+
+    def pre(x, cos, sin, ln1, qkv_w, qkv_b):
+        N = x.shape[0]
+        qkv = F.linear(rms_norm(x, ln1, eps), qkv_w, qkv_b)
+        qk = rope(qkv[:, : (H + Hkv) * D].view(N, H + Hkv, D), cos, sin)
+        return qk[:, :H], qk[:, H:], qkv[:, (H + Hkv) * D :].view(N, Hkv, D)
+
+    def post(x, attn, o_w, ln2, gu_w, down_w):
+        x = x + F.linear(attn.reshape(x.shape[0], H * D), o_w)
+        g, u = F.linear(rms_norm(x, ln2, eps), gu_w).chunk(2, dim=-1)
+        return x + F.linear(F.silu(g) * u, down_w)
+
+    return pre, post
+
+
+def make_decode_layer(n_heads: int, n_kv_heads: int, head_dim: int, eps: float):
+    """``layer(x, cos, sin, w, k_cache, v_cache, slots, tables, mask) -> x``: one whole decoder block
+    for a decode batch as a pure function of tensors (the sizes are closure constants, so one
+    compiled graph serves every layer). x (B, d); w = (ln1, qkv_w, qkv_b, o_w, ln2, gate_up_w,
+    down_w); the new k/v are written to ``slots`` of the (NB, BS, Hkv, D) caches."""
+    Hkv, D = n_kv_heads, head_dim
+    pre, post = layer_pieces(n_heads, n_kv_heads, head_dim, eps)
+
+    def layer(x, cos, sin, w, k_cache, v_cache, slots, tables, mask):
+        ln1, qkv_w, qkv_b, o_w, ln2, gu_w, down_w = w
+        q, k, v = pre(x, cos, sin, ln1, qkv_w, qkv_b)
+        k_cache.view(-1, Hkv, D).index_copy_(0, slots, k)
+        v_cache.view(-1, Hkv, D).index_copy_(0, slots, v)
+        o = decode_attention(q, k_cache, v_cache, tables, mask, n_heads // Hkv)
+        return post(x, o, o_w, ln2, gu_w, down_w)
+
+    return layer

@@ -63,11 +63,12 @@ class PagedAttention:
         cache[0].view(nb * bs, hkv, d).index_copy_(0, m.slot_mapping, k)
         cache[1].view(nb * bs, hkv, d).index_copy_(0, m.slot_mapping, v)
         if m.decode_idx is not None and not m.prefills:
-            return decode_attention(q, cache[0], cache[1], m.decode_tables, m.decode_mask)
+            return decode_attention(q, cache[0], cache[1], m.decode_tables, m.decode_mask, q.shape[1] // hkv)
         gqa = q.shape[1] != hkv
         out = torch.empty_like(q)  # (N, H, D)
         if m.decode_idx is not None:
-            out[m.decode_idx] = decode_attention(q[m.decode_idx], cache[0], cache[1], m.decode_tables, m.decode_mask)
+            out[m.decode_idx] = decode_attention(q[m.decode_idx], cache[0], cache[1], m.decode_tables, m.decode_mask,
+                                                 q.shape[1] // hkv)
         for c in m.prefills:
             qs = q[c.start : c.start + c.q_len].transpose(0, 1)  # (H, q, D)
             if c.blocks is None:
@@ -96,7 +97,10 @@ class ModelRunner:
         if cuda_graphs and device.type == "cuda":
             from serve.engine.cuda_graphs import DecodeGraphs
 
+            # steps that are not pure decode (prefill chunks) run compiled pieces with eager attention
+            self.fused.compile_pieces()
             self.graphs = DecodeGraphs(self.fused, kv, device, max_batch, -(-max_model_len // kv.block_size))
+            self.graphs.capture_all()
 
     def build(self, seqs: list[Sequence], num_new: list[int]) -> tuple[torch.Tensor, torch.Tensor, StepMetadata, list[int]]:
         """Flat tokens (N,), positions (N,), attention metadata, and the flat offsets of the
