@@ -80,6 +80,12 @@ class DistillConfig(StrictModel):
         description="torch.compile the student's and the online teacher's decoder blocks (GPU: fused kernels; "
         "the first steps compile). ZeRO <= 2.",
     )
+    fused_kd: bool = Field(
+        False,
+        description="Online teacher, zero mode: compute the KD loss from both models' final hidden states in token "
+        "chunks (train/distill/fused_kd.py), never materialising the (tokens, vocab) logits; with compile, each "
+        "chunk is one compiled pass. Same loss and gradients as the reference loss. ZeRO <= 2.",
+    )
     bf16: bool = Field(False, description="bf16 mixed precision (GPUs with bf16; CPU runs stay fp32 if false).")
     offload_optimizer: bool = Field(False, description="ZeRO optimizer-state offload to CPU (stage >= 1).")
     seed: int = Field(0, description="Student init, data order and dropout seed.")
@@ -125,6 +131,13 @@ class DistillConfig(StrictModel):
             raise ValueError("loss.hidden_weight > 0 needs teacher_source=online (the cache holds no hidden states)")
         if self.compile and self.zero_stage >= 3:
             raise ValueError("compile with zero_stage=3: ZeRO-3's parameter hooks break torch.compile graphs; use stage <= 2")
+        if self.fused_kd:
+            if self.mode != "zero" or self.teacher_source != "online":
+                raise ValueError("fused_kd needs mode=zero with teacher_source=online (it fuses the online teacher's "
+                                 "LM head into the loss); set fused_kd=false for the top-k cache or pipeline mode")
+            if self.zero_stage >= 3:
+                raise ValueError("fused_kd with zero_stage=3: ZeRO-3 partitions the LM-head weight the fused loss "
+                                 "reads outside the module's forward; use stage <= 2 or fused_kd=false")
         if self.offload_optimizer and self.zero_stage == 0:
             raise ValueError("offload_optimizer needs zero_stage >= 1 (ZeRO-Offload partitions the optimizer state)")
         if self.publish_alias == "latest":

@@ -56,14 +56,21 @@ class Plan:
 
 
 class DistillModule(nn.Module):
-    """The trained module: the student [+ the hidden-state projector]; ``x (B, T) -> (logits, hidden|None)``."""
+    """The trained module: the student [+ the hidden-state projector]; ``x (B, T) -> (logits, hidden|None)``.
+
+    ``head=False`` (the fused KD loss) skips the LM head: ``x -> (None, final hidden (B, T, d))``.
+    """
 
     def __init__(self, student: Transformer, projector: nn.Module | None) -> None:
         super().__init__()
         self.student = student
         self.projector = projector
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(self, x: torch.Tensor, head: bool = True) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        if not head:
+            from train.distill.fused_kd import decoder_hidden
+
+            return None, decoder_hidden(self.student, x)
         if self.projector is None:
             return self.student(x), None
         return self.student(x, return_hidden=True)
@@ -121,8 +128,10 @@ def build_engine(cfg: DistillConfig, module: DistillModule, plan: Plan):
 
         loss_fn = PipeKDLoss(cfg.loss, plan.vocab_size)
         module = build_pipeline(module.student, cfg.pipeline_stages, loss_fn, cfg.seed)
+    # CUDA: torch's fused AdamW (one kernel over DeepSpeed's flat fp32 partition); CPU: the reference loop
+    fused = cfg.use_gpu and not cfg.offload_optimizer
     opt = torch.optim.AdamW(param_groups(module, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas,
-                            fused=False, foreach=cfg.use_gpu)
+                            fused=fused, foreach=False if fused else cfg.use_gpu)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
     engine, _, _, _ = deepspeed.initialize(model=module, optimizer=opt, lr_scheduler=sched, config=ds_cfg)
     return engine
@@ -171,28 +180,51 @@ class Batches:
 # ---------------------------------------------------------------------------------------------- steps
 
 
-def zero_step(engine, micro, teacher: Transformer | None, cfg: DistillConfig, plan: Plan, device) -> dict[str, float]:
-    from train.distill.losses import DenseTeacher, TopKTeacher, kd_loss
-
-    sums = {"loss": 0.0, "kd": 0.0, "ce": 0.0}
-    hidden = cfg.loss.hidden_weight > 0
+def zero_step(engine, micro, teacher: Transformer | None, cfg: DistillConfig, plan: Plan,
+              device) -> dict[str, torch.Tensor]:
+    """One optimizer step over ``micro``; returns the micro-batch means as float64 device scalars (no host sync)."""
+    sums = {k: torch.zeros((), dtype=torch.float64, device=device) for k in ("loss", "kd", "ce")}
     for x, y, tk in micro:
-        x, y = x.to(device), y.to(device)
-        if teacher is not None:
-            with torch.no_grad():
-                t_out = teacher(x, return_hidden=hidden)
-            t = DenseTeacher(*t_out) if hidden else DenseTeacher(t_out)
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        if cfg.fused_kd and teacher is not None:
+            out = fused_micro_loss(engine, teacher, x, y, cfg, plan)
         else:
-            t = TopKTeacher(tk[0].to(device), tk[1].to(device))
-        logits, h = engine(x)  # (b, T, V), (b, T, d)|None
-        module = engine.module
-        out = kd_loss(logits, t, y, cfg.loss, vocab_size=plan.vocab_size, student_hidden=h,
-                      projector=module.projector)
+            out = micro_loss(engine, teacher, x, y, tk, cfg, plan)
         engine.backward(out["loss"])
         engine.step()
         for k in sums:
-            sums[k] += float(out[k].detach()) / len(micro)
+            sums[k] += out[k].detach().double() / len(micro)
     return sums
+
+
+def micro_loss(engine, teacher: Transformer | None, x: torch.Tensor, y: torch.Tensor, tk, cfg: DistillConfig,
+               plan: Plan) -> dict[str, torch.Tensor]:
+    """The reference KD loss of one micro-batch (``losses.kd_loss`` on both sides' full logits)."""
+    from train.distill.losses import DenseTeacher, TopKTeacher, kd_loss
+
+    if teacher is not None:
+        hidden = cfg.loss.hidden_weight > 0
+        with torch.no_grad():
+            t_out = teacher(x, return_hidden=hidden)
+        t = DenseTeacher(*t_out) if hidden else DenseTeacher(t_out)
+    else:
+        t = TopKTeacher(tk[0].to(x.device), tk[1].to(x.device))
+    logits, h = engine(x)  # (b, T, V), (b, T, d)|None
+    return kd_loss(logits, t, y, cfg.loss, vocab_size=plan.vocab_size, student_hidden=h,
+                   projector=engine.module.projector)
+
+
+def fused_micro_loss(engine, teacher: Transformer, x: torch.Tensor, y: torch.Tensor, cfg: DistillConfig,
+                     plan: Plan) -> dict[str, torch.Tensor]:
+    """The fused KD loss of one micro-batch: neither model's full logits are ever built (``fused_kd.py``)."""
+    from train.distill.fused_kd import decoder_hidden, fused_kd_loss
+
+    with torch.no_grad():
+        h_t = decoder_hidden(teacher, x)  # (b, T, d_t)
+    _, h = engine(x, head=False)  # (b, T, d): the engine's forward, without the LM head
+    module = engine.module
+    return fused_kd_loss(h, module.student.lm_head.weight, h_t, teacher.lm_head.weight, y, cfg.loss,
+                         vocab_size=plan.vocab_size, projector=module.projector, compile=cfg.compile)
 
 
 def pipeline_step(engine, micro) -> dict[str, float]:
@@ -205,11 +237,13 @@ def pipeline_step(engine, micro) -> dict[str, float]:
     return {"loss": float(loss), "kd": float(parts[0]), "ce": float(parts[1])}
 
 
-def mean_over_dp(vals: dict[str, float], device) -> dict[str, float]:
-    t = torch.tensor([vals["loss"], vals["kd"], vals["ce"]], dtype=torch.float64, device=device)
+def mean_over_dp(vals: dict[str, torch.Tensor], device) -> dict[str, float]:
+    """Mean of each rank's step metrics (device scalars): one all-reduce and one host sync per step."""
+    t = torch.stack([vals["loss"], vals["kd"], vals["ce"]]).to(device, torch.float64)
     dist.all_reduce(t)
     t /= dist.get_world_size()
-    return {"loss": float(t[0]), "kd": float(t[1]), "ce": float(t[2])}
+    loss, kd, ce = t.tolist()
+    return {"loss": loss, "kd": kd, "ce": ce}
 
 
 # ---------------------------------------------------------------------------------------------- checkpoints
@@ -460,6 +494,8 @@ def run_worker(cfg: DistillConfig, plan: Plan, hooks: Hooks, use_ray: bool) -> d
     rank, world = dist.get_rank(), dist.get_world_size()
     deepspeed.init_distributed(dist_backend="nccl" if cfg.use_gpu else "gloo")  # reuses the existing group
     device = device_for(cfg)
+    if cfg.use_gpu and cfg.bf16:
+        torch.set_float32_matmul_precision("high")  # bf16 run: the few fp32 matmuls (projector) may use TF32
     seed_all(cfg.seed)
     teacher = None
     if cfg.teacher_source == "online":

@@ -264,9 +264,16 @@ def hidden_mse(
         )
     if student_hidden is None or projector is None:
         raise RetortError("hidden_weight > 0 needs student_hidden and a HiddenProjector")
-    d_t = teacher.hidden.shape[-1]
+    return hidden_mse_tensors(student_hidden, teacher.hidden, projector, mask)
+
+
+def hidden_mse_tensors(
+    student_hidden: torch.Tensor, teacher_hidden: torch.Tensor, projector: HiddenProjector, mask: torch.Tensor
+) -> torch.Tensor:
+    """``hidden_mse`` on plain tensors: ``(B, T, d_s)``, ``(B, T, d_t)``, ``mask (B*T,)``."""
+    d_t = teacher_hidden.shape[-1]
     h_s = projector(student_hidden.reshape(-1, student_hidden.shape[-1])[mask].float())  # (N, d_t)
-    h_t = teacher.hidden.detach().to(h_s.device).reshape(-1, d_t)[mask].float()  # (N, d_t)
+    h_t = teacher_hidden.detach().to(h_s.device).reshape(-1, d_t)[mask].float()  # (N, d_t)
     if h_s.shape[-1] != d_t:
         raise RetortError(
             f"HiddenProjector outputs {h_s.shape[-1]} features, the teacher's hidden size is {d_t}"
