@@ -160,13 +160,12 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     idx = tables.reshape(-1)
     k = k_cache.index_select(0, idx).view(B, nb * bs, hkv, d).transpose(1, 2)
     v = v_cache.index_select(0, idx).view(B, nb * bs, hkv, d).transpose(1, 2)
-    gqa = bool(n_rep > 1)
-    if gqa and (q.is_cuda or torch.compiler.is_compiling()):
-        # CUDA's masked SDPA kernel has no GQA, and compiled, the expansion fuses into the gather:
-        # expand the kv heads (eager CPU's flash kernel does GQA itself, without the copy)
+    if n_rep > 1 and not (q.is_cuda or torch.compiler.is_compiling()):  # eager CPU's flash kernel does GQA
+        return F.scaled_dot_product_attention(q.unsqueeze(2), k, v, attn_mask=mask, enable_gqa=True).squeeze(2)
+    if n_rep > 1:
+        # CUDA's masked SDPA kernel has no GQA, and compiled, the expansion fuses into the gather
         k, v = k.repeat_interleave(n_rep, dim=1), v.repeat_interleave(n_rep, dim=1)
-        gqa = False
-    return F.scaled_dot_product_attention(q.unsqueeze(2), k, v, attn_mask=mask, enable_gqa=gqa).squeeze(2)
+    return F.scaled_dot_product_attention(q.unsqueeze(2), k, v, attn_mask=mask).squeeze(2)
 
 
 def layer_pieces(n_heads: int, n_kv_heads: int, head_dim: int, eps: float):

@@ -36,8 +36,9 @@ def _eager_layer(fm: FusedModel, i, x, pos, kc, vc, slots, tables, mask):
 
 
 @pytest.mark.slow
-def test_compiled_decode_layer_and_pieces_match_eager():
-    model = tiny_model()  # GQA: 4 query heads, 2 kv heads
+@pytest.mark.parametrize("kv_heads", [2, 4])  # GQA and MHA (4 query heads)
+def test_compiled_decode_layer_and_pieces_match_eager(kv_heads):
+    model = tiny_model(n_kv_heads=kv_heads)
     eager, compiled = FusedModel(model, 256), FusedModel(model, 256)
     compiled.compile_pieces()
     layer = torch.compile(make_decode_layer(eager.n_heads, eager.n_kv_heads, eager.head_dim, eager.eps),
