@@ -16,8 +16,9 @@ students draw, and both students are ``configs/distill/small.yaml`` run by the r
 models are evaluated on the same held-out tokens (the val split, ``eval.max_tokens`` of the distill
 config). ``--quick`` keeps (a) and (b) as they are and measures (c) on two modes only.
 
-Wall time on 2 CPU cores: about 15 minutes idle with the teacher pretrained here (5 of them the
-teacher), about 10 with ``--teacher``; the CPU seconds of each part are printed too.
+How long: the demo's stage times suggest about 20 minutes on 2 idle CPU cores (teacher ~5, cache ~1,
+each student ~4, each throughput run ~1) and about 5 fewer with ``--teacher`` or ``--quick``; the
+table's footer prints the measured wall time of every part (and this process's CPU seconds).
 """
 
 from __future__ import annotations
