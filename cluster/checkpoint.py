@@ -157,7 +157,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
     if unexpected:
         raise RetortError(f"{path}: unexpected tensors: {', '.join(unexpected[:5])}{' ...' if len(unexpected) > 5 else ''}")
     model.load_state_dict(sd, strict=False, assign=True)
-    if cfg.tie_embeddings:
+    if cfg.tie_embeddings and isinstance(model.lm_head, torch.nn.Linear):  # a quantized table ties itself
         model.lm_head.weight = model.model.embed_tokens.weight
     for name, buf in list(model.named_buffers()):
         if buf.is_meta:

@@ -33,6 +33,7 @@ import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
@@ -129,6 +130,7 @@ class QuantLinear(nn.Module):
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
         self._kernels: dict[str, Any] = {}  # kernel name -> prepared state (not serialized)
         self._choice: dict[tuple, str] = {}  # (device, dtype, bucket) -> kernel name
+        self._bound: dict[tuple, Callable[[torch.Tensor], torch.Tensor]] = {}  # same key -> x (M, K) -> (M, N)
 
     def extra_repr(self) -> str:
         g = f", group_size={self.group_size}" if self.group_size else ""
@@ -142,7 +144,7 @@ class QuantLinear(nn.Module):
         self.weight, self.weight_scale = q, scale
         if zero is not None:
             self.weight_zero = zero
-        if lin.bias is not None:
+        if getattr(lin, "bias", None) is not None:
             self.bias = nn.Parameter(lin.bias.detach().float().clone())
         return self
 
@@ -152,16 +154,23 @@ class QuantLinear(nn.Module):
     def _apply(self, fn, recurse=True):  # moving / casting invalidates prepared kernel state
         self._kernels.clear()
         self._choice.clear()
+        self._bound.clear()
         return super()._apply(fn, recurse)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)  # (M, K)
-        kernel = self.kernel_for(x2)
-        y = kernel.run(self, x2)  # (M, N)
+        key = (x2.device.type, x2.dtype, _bucket(x2.shape[0]))
+        run = self._bound.get(key)  # the hot path: one dict lookup, then the kernel (decode is overhead-bound)
+        if run is None:
+            kernel = self.kernel_for(x2)
+            run = self._bound[key] = kernel.bind(self) if kernel.bind else partial(kernel.run, self)
+        y = run(x2)  # (M, N)
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
-        return y.to(x.dtype).reshape(*shape[:-1], self.out_features)
+        if y.dtype != x.dtype:
+            y = y.to(x.dtype)
+        return y.reshape(*shape[:-1], self.out_features)
 
     def kernel_for(self, x2: torch.Tensor) -> Kernel:
         key = (x2.device.type, x2.dtype, _bucket(x2.shape[0]))
@@ -246,6 +255,66 @@ MODULES: dict[str, type[QuantLinear]] = {"int8": Int8Linear, "int4": Int4Linear,
                                          "w4a8": W4A8Linear}
 
 
+class _EmbeddingMixin:
+    """A quantized ``(vocab, d)`` embedding table held as a QuantLinear with ``out = vocab, in = d``:
+    ``forward(tokens)`` gathers and dequantizes rows; ``linear(h)`` runs the matrix as a linear layer
+    (the tied LM head) through the selected kernel."""
+
+    @classmethod
+    def from_embedding(cls, emb: nn.Embedding, symmetric: bool, group_size: int | None, name: str = ""):
+        m = cls(emb.embedding_dim, emb.num_embeddings, False, symmetric, group_size, name)
+        w = emb.weight.detach()
+        qsz = quantize_int4(w, m.group_size, symmetric) if m.scheme in GROUPED else quantize_int8(w, symmetric)
+        return m._fill(emb, *qsz)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens (...) int64 -> (..., d) fp32."""
+        idx = tokens.reshape(-1)
+        zero = self._zero()
+        zero = None if zero is None else zero[idx]
+        dq = dequantize_int4 if self.scheme in GROUPED else dequantize_int8
+        rows = dq(self.weight[idx], self.weight_scale[idx], zero)  # (n, d)
+        return rows.reshape(*tokens.shape, self.in_features)
+
+    def linear(self, x: torch.Tensor) -> torch.Tensor:
+        return QuantLinear.forward(self, x)
+
+
+class Int8Embedding(_EmbeddingMixin, Int8Linear):
+    pass
+
+
+class W8A8Embedding(_EmbeddingMixin, W8A8Linear):
+    pass
+
+
+class Int4Embedding(_EmbeddingMixin, Int4Linear):
+    pass
+
+
+class W4A8Embedding(_EmbeddingMixin, W4A8Linear):
+    pass
+
+
+EMBEDDINGS: dict[str, type[QuantLinear]] = {"int8": Int8Embedding, "int4": Int4Embedding, "w8a8": W8A8Embedding,
+                                            "w4a8": W4A8Embedding}
+
+
+class TiedQuantHead(nn.Module):
+    """The LM head of a tied model whose embedding table is quantized: runs that table as a linear.
+    Holds no tensors of its own (the embedding is not registered as a child, so it is saved once)."""
+
+    def __init__(self, embed: _EmbeddingMixin) -> None:
+        super().__init__()
+        object.__setattr__(self, "embed", embed)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.embed.linear(h)
+
+    def extra_repr(self) -> str:
+        return f"tied to the quantized embedding ({type(self.embed).__name__})"
+
+
 def check_group_size(group_size: int | None, in_features: int, name: str) -> int:
     if group_size not in GROUP_SIZES:
         raise RetortError(f"{name or 'int4'}: group_size must be one of {GROUP_SIZES}, got {group_size!r}")
@@ -267,6 +336,7 @@ class Kernel:
     run: Callable[[QuantLinear, torch.Tensor], torch.Tensor]
     exact: bool = True  # False: quantizes activations differently from the reference
     rtol: float = 2e-3  # agreement with the reference required for selection (x max |ref|)
+    bind: Callable[[QuantLinear], Callable[[torch.Tensor], torch.Tensor]] | None = None  # run, minus lookups
 
 
 def _offset(m: QuantLinear, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -370,29 +440,31 @@ def _retort_ops() -> Any:
     return ops
 
 
-def _retort_f32_run(m: QuantLinear, x: torch.Tensor) -> torch.Tensor:
-    """Retort's weight-only int4 kernel: fp32 activations, weights dequantized in registers."""
-    ops = _retort_ops()
-    w, s, o = m.prepared("retort_int4", lambda: _retort_state(m))
-    return ops.int4_f32(x.float().contiguous(), w, s, o, m.group_size)
+def _retort_bind(op: str, key: str) -> Callable[[QuantLinear], Callable[[torch.Tensor], torch.Tensor]]:
+    """``int4_f32``: weight-only, fp32 activations, weights dequantized in registers. ``int4_a8``: per-token
+    int8 activations (as the reference quantizes them), integer dots per group (VNNI)."""
+    def bind(m: QuantLinear) -> Callable[[torch.Tensor], torch.Tensor]:
+        fn = getattr(_retort_ops(), op)
+        w, s, o = m.prepared(key, lambda: _retort_state(m))
+        g = m.group_size
+        return lambda x: fn(x.float().contiguous(), w, s, o, g)
+    return bind
 
 
-def _retort_a8_run(m: QuantLinear, x: torch.Tensor) -> torch.Tensor:
-    """Retort's int4 x int8 kernel: per-token int8 activations (as the reference), integer dots per group."""
-    ops = _retort_ops()
-    w, s, o = m.prepared("retort_int4a8", lambda: _retort_state(m))
-    return ops.int4_a8(x.float().contiguous(), w, s, o, m.group_size)
+_retort_f32_bind, _retort_a8_bind = _retort_bind("int4_f32", "retort_int4"), _retort_bind("int4_a8", "retort_int4a8")
 
 
 DEQUANT = Kernel("dequant", ("cpu", "cuda"), _dequant_run)
 KERNELS: dict[str, dict[str, Kernel]] = {
     "int8": {k.name: k for k in (DEQUANT, Kernel("int8pack", ("cpu", "cuda"), _int8pack_run))},
     "int4": {k.name: k for k in (DEQUANT, Kernel("int4pack_cpu", ("cpu",), _int4_cpu_run),
-                                 Kernel("retort_int4", ("cpu",), _retort_f32_run),
+                                 Kernel("retort_int4", ("cpu",), lambda m, x: _retort_f32_bind(m)(x),
+                                        bind=_retort_f32_bind),
                                  Kernel("int4pack", ("cuda",), _int4_cuda_run, rtol=2e-2))},  # bf16 compute
     "w8a8": {k.name: k for k in (DEQUANT, Kernel("int_mm", ("cpu", "cuda"), _int_mm_run),
                                  Kernel("fbgemm", ("cpu",), _fbgemm_run, exact=False, rtol=5e-2))},
-    "w4a8": {k.name: k for k in (DEQUANT, Kernel("retort_int4a8", ("cpu",), _retort_a8_run),
+    "w4a8": {k.name: k for k in (DEQUANT, Kernel("retort_int4a8", ("cpu",), lambda m, x: _retort_a8_bind(m)(x),
+                                        bind=_retort_a8_bind),
                                  Kernel("int_mm", ("cpu", "cuda"), _int_mm_run, exact=False, rtol=3e-2),
                                  Kernel("fbgemm", ("cpu",), _fbgemm_run, exact=False, rtol=5e-2))},
 }
@@ -470,11 +542,21 @@ def kernel_choices(model: nn.Module) -> dict[str, list[str]]:
 
 # ----------------------------------------------------------------------------- whole models
 
-def quant_config(scheme: str, group_size: int | None, symmetric: bool,
-                 modules_not_converted: list[str] | None) -> dict[str, Any]:
+def quant_config(scheme: str, group_size: int | None, symmetric: bool, modules_not_converted: list[str] | None,
+                 embeddings: dict[str, Any] | None = None) -> dict[str, Any]:
     """The ``quantization_config`` written into config.json (validated)."""
     return validate_qcfg({"quant_method": QUANT_METHOD, "scheme": scheme, "group_size": group_size,
-                          "symmetric": symmetric, "modules_not_converted": list(modules_not_converted or [])})
+                          "symmetric": symmetric, "modules_not_converted": list(modules_not_converted or []),
+                          "embeddings": embeddings})
+
+
+def _check_scheme(where: str, scheme: Any, group_size: Any, symmetric: bool) -> None:
+    if scheme not in SCHEMES:
+        raise RetortError(f"{where}.scheme: unknown scheme {scheme!r}; known: {', '.join(SCHEMES)}")
+    if scheme in GROUPED and group_size not in GROUP_SIZES:
+        raise RetortError(f"{where}.group_size must be one of {GROUP_SIZES} for {scheme}, got {group_size!r}")
+    if scheme == "w8a8" and not symmetric:
+        raise RetortError(f"{where}.symmetric must be true for w8a8")
 
 
 def validate_qcfg(qcfg: dict[str, Any]) -> dict[str, Any]:
@@ -484,17 +566,21 @@ def validate_qcfg(qcfg: dict[str, Any]) -> dict[str, Any]:
         raise RetortError(f"quantization_config.quant_method {qcfg.get('quant_method')!r} is not supported "
                           f"(only {QUANT_METHOD!r} checkpoints)")
     scheme = qcfg.get("scheme")
-    if scheme not in SCHEMES:
-        raise RetortError(f"quantization_config.scheme: unknown scheme {scheme!r}; known: {', '.join(SCHEMES)}")
     out = dict(qcfg)
     out["symmetric"] = bool(qcfg.get("symmetric", scheme not in GROUPED))
     out["group_size"] = qcfg.get("group_size") if scheme in GROUPED else None
-    if scheme in GROUPED and out["group_size"] not in GROUP_SIZES:
-        raise RetortError(f"quantization_config.group_size must be one of {GROUP_SIZES} for {scheme}, "
-                          f"got {out['group_size']!r}")
-    if scheme == "w8a8" and not out["symmetric"]:
-        raise RetortError("quantization_config.symmetric must be true for w8a8")
+    _check_scheme("quantization_config", scheme, out["group_size"], out["symmetric"])
     out["modules_not_converted"] = list(qcfg.get("modules_not_converted") or [])
+    emb = qcfg.get("embeddings")
+    if emb is not None:
+        if not isinstance(emb, dict):
+            raise RetortError(f"quantization_config.embeddings must be a mapping or null, got {type(emb).__name__}")
+        e_scheme = emb.get("scheme")
+        emb = {"scheme": e_scheme, "symmetric": bool(emb.get("symmetric", e_scheme not in GROUPED)),
+               "group_size": emb.get("group_size") if e_scheme in GROUPED else None,
+               "tied_lm_head": bool(emb.get("tied_lm_head", False))}
+        _check_scheme("quantization_config.embeddings", e_scheme, emb["group_size"], emb["symmetric"])
+    out["embeddings"] = emb
     return out
 
 
@@ -503,8 +589,7 @@ def _excluded(name: str, patterns: list[str]) -> bool:
 
 
 def _tied(model: nn.Module, name: str, lin: nn.Linear) -> bool:
-    cfg = getattr(model, "cfg", None)
-    return bool(cfg is not None and getattr(cfg, "tie_embeddings", False) and name == "lm_head")
+    return name == "lm_head" and _is_tied(model)
 
 
 def _targets(model: nn.Module, patterns: list[str]) -> list[tuple[str, nn.Linear]]:
@@ -520,23 +605,71 @@ def _set(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, child, module)
 
 
+def _embedding(model: nn.Module) -> tuple[str, nn.Module] | None:
+    return next(((n, m) for n, m in model.named_modules() if n.split(".")[-1] == "embed_tokens"), None)
+
+
+def embedding_scheme(scheme: str, group_size: int | None, symmetric: bool) -> dict[str, Any]:
+    """How the embedding table of a ``scheme`` model is quantized by default: per-row int8 (int8 and
+    w8a8 variants); for int4 / w4a8 variants the same int4 groups (chosen by measurement, see the report
+    of issue 5: int4 groups cost little over int8 rows in logit error and halve the table's bytes)."""
+    return {"scheme": scheme, "symmetric": symmetric, "group_size": group_size if scheme in GROUPED else None}
+
+
+def _embedding_target(model: nn.Module, q: dict[str, Any]) -> tuple[str, nn.Embedding] | None:
+    """The embedding to quantize, unless excluded; a tied table is excluded by ``embed_tokens`` or ``lm_head``."""
+    found = _embedding(model)
+    if found is None or type(found[1]) is not nn.Embedding:
+        return None
+    patterns = q["modules_not_converted"]
+    if _excluded(found[0], patterns) or (_is_tied(model) and _excluded("lm_head", patterns)):
+        return None
+    return found[0], found[1]
+
+
+def _is_tied(model: nn.Module) -> bool:
+    cfg = getattr(model, "cfg", None)
+    return bool(cfg is not None and getattr(cfg, "tie_embeddings", False))
+
+
+def _set_embedding(model: nn.Module, name: str, emb: nn.Module) -> None:
+    _set(model, name, emb)
+    if _is_tied(model) and hasattr(model, "lm_head"):
+        model.lm_head = TiedQuantHead(emb)
+
+
 def prepare_for_load(model: nn.Module, qcfg: dict[str, Any]) -> nn.Module:
-    """Swap the nn.Linear layers of a (meta-device) model for quantized modules with buffers shaped
-    as the checkpoint stores them, so ``load_state_dict(assign=True)`` fills them."""
+    """Swap the nn.Linear layers (and the embedding, if quantized) of a (meta-device) model for quantized
+    modules with buffers shaped as the checkpoint stores them, so ``load_state_dict(assign=True)`` fills them."""
     q = validate_qcfg(qcfg)
     cls = MODULES[q["scheme"]]
     for name, lin in _targets(model, q["modules_not_converted"]):
         with torch.device("meta"):
             mod = cls(lin.in_features, lin.out_features, lin.bias is not None, q["symmetric"], q["group_size"], name)
         _set(model, name, mod)
+    e = q["embeddings"]
+    if e is not None:
+        found = _embedding(model)
+        if found is None or type(found[1]) is not nn.Embedding:
+            raise RetortError("quantization_config.embeddings is set but the model has no embed_tokens table")
+        name, emb = found
+        if e["tied_lm_head"] != _is_tied(model):
+            raise RetortError(f"quantization_config.embeddings.tied_lm_head={e['tied_lm_head']} but the config's "
+                              f"tie_word_embeddings={_is_tied(model)}")
+        with torch.device("meta"):
+            mod = EMBEDDINGS[e["scheme"]](emb.embedding_dim, emb.num_embeddings, False, e["symmetric"],
+                                          e["group_size"], name)
+        _set_embedding(model, name, mod)
     model.quantization_config = q
     return model
 
 
 @torch.no_grad()
 def quantize_model(model: nn.Module, scheme: str, group_size: int | None = 128, symmetric: bool | None = None,
-                   modules_not_converted: list[str] | None = None) -> nn.Module:
-    """Round-to-nearest quantize every nn.Linear in place (except excluded / tied ones).
+                   modules_not_converted: list[str] | None = None, embeddings: str | None = "auto") -> nn.Module:
+    """Round-to-nearest quantize every nn.Linear in place (except excluded / tied ones), and the
+    embedding table unless excluded (``embed_tokens`` in ``modules_not_converted``, or ``lm_head`` when
+    tied) or ``embeddings=None``. ``embeddings``: "auto" (:func:`embedding_scheme`) or a scheme name.
 
     Sets ``model.quantization_config`` (what ``save_pretrained`` must write into config.json).
     """
@@ -545,13 +678,28 @@ def quantize_model(model: nn.Module, scheme: str, group_size: int | None = 128, 
     q = quant_config(scheme, group_size, symmetric, modules_not_converted)
     cls = MODULES[q["scheme"]]
     targets = _targets(model, q["modules_not_converted"])
+    emb_target = _embedding_target(model, q) if embeddings is not None else None
+    e = None
+    if emb_target is not None:
+        if embeddings == "auto":
+            e = embedding_scheme(q["scheme"], q["group_size"], q["symmetric"])
+        else:
+            e = {"scheme": embeddings, "symmetric": embeddings not in GROUPED,
+                 "group_size": (q["group_size"] or 128) if embeddings in GROUPED else None}
+        e = validate_qcfg({**q, "embeddings": {**e, "tied_lm_head": _is_tied(model)}})["embeddings"]
     for name, lin in targets:  # validate every layer before touching any
         if q["scheme"] in GROUPED:
             check_group_size(q["group_size"], lin.in_features, name)
+    if e is not None and e["scheme"] in GROUPED:
+        check_group_size(e["group_size"], emb_target[1].embedding_dim, emb_target[0])
     for name, lin in targets:
         new = cls.from_float(lin, symmetric=q["symmetric"], group_size=q["group_size"], name=name)
         _set(model, name, new.to(lin.weight.device))
-    model.quantization_config = q
+    if e is not None:
+        name, emb = emb_target
+        new = EMBEDDINGS[e["scheme"]].from_embedding(emb, e["symmetric"], e["group_size"], name)
+        _set_embedding(model, name, new.to(emb.weight.device))
+    model.quantization_config = {**q, "embeddings": e}
     return model
 
 

@@ -56,6 +56,8 @@ def _build() -> Any | None:
         log.info("retort int4 CPU kernel unavailable: %s", _state["error"])
         return None
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.expanduser(EXT_DIR))
+    build_dir = Path(os.environ["TORCH_EXTENSIONS_DIR"]) / "retort_int4"
+    before = _built(build_dir)
     t = time.perf_counter()
     try:
         from torch.utils.cpp_extension import load
@@ -74,13 +76,18 @@ def _build() -> Any | None:
         _state["error"] = "this CPU has neither AVX2+FMA nor AVX-512"
         log.warning("retort int4 CPU kernel unavailable: %s", _state["error"])
         return None
-    took = time.perf_counter() - t
-    if took > 2.0:  # it compiled (a cached build loads in well under a second)
-        log.warning("retort int4 CPU kernel compiled in %.0fs (%s), cached under %s", took, isa,
-                    os.environ["TORCH_EXTENSIONS_DIR"])
+    if _built(build_dir) != before:
+        log.warning("retort int4 CPU kernel compiled in %.0fs (%s), cached under %s", time.perf_counter() - t, isa,
+                    build_dir)
     else:
-        log.info("retort int4 CPU kernel loaded (%s)", isa)
+        log.info("retort int4 CPU kernel loaded (%s) from %s", isa, build_dir)
     return ops
+
+
+def _built(build_dir: Path) -> tuple[str, float] | None:
+    """The newest built library (name, mtime), to tell a compile from a cache hit."""
+    libs = sorted(build_dir.glob("retort_int4*.so"), key=lambda f: f.stat().st_mtime)
+    return (libs[-1].name, libs[-1].stat().st_mtime) if libs else None
 
 
 def repack_int4(codes: torch.Tensor) -> torch.Tensor:

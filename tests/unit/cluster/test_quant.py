@@ -142,11 +142,14 @@ def test_quantized_checkpoint_roundtrip(tmp_path, scheme: str, symmetric: bool, 
     assert q_bytes < fp_bytes * (0.3 if scheme not in quant.GROUPED else 0.2)
 
 
-def test_tied_head_is_never_quantized(tmp_path) -> None:
-    model = quant.quantize_model(_model(tie=True), "int8")
+@pytest.mark.parametrize("exclude", [["lm_head"], ["embed_tokens"]])
+def test_excluded_tied_table_stays_float(tmp_path, exclude: list[str]) -> None:
+    model = quant.quantize_model(_model(tie=True), "int8", modules_not_converted=exclude)
     assert type(model.lm_head) is nn.Linear and model.lm_head.weight is model.model.embed_tokens.weight
+    assert model.quantization_config["embeddings"] is None
     model.save_pretrained(tmp_path, extra_config={"quantization_config": model.quantization_config})
     loaded = Transformer.from_pretrained(tmp_path)
+    assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
     tokens = torch.randint(0, 512, (1, 6))
     with torch.no_grad():
         assert torch.allclose(model(tokens), loaded(tokens), atol=1e-5)
