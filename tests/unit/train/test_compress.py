@@ -176,8 +176,8 @@ def test_logical_params_count_quantized_weights() -> None:
 def test_decode_bench_in_fresh_process(tmp_path) -> None:
     from train.compress.decode_bench import measure_in_subprocess
 
-    quant.quantize_model(_model(), "w8a8").save_pretrained(
-        tmp_path, extra_config={"quantization_config": quant.quant_config("w8a8", None, True, [])})
+    m = quant.quantize_model(_model(), "w8a8")
+    m.save_pretrained(tmp_path, extra_config={"quantization_config": m.quantization_config})
     out = measure_in_subprocess(tmp_path, [1, 2], prompt_len=3, n_tokens=3)
     assert out["tok_s_b1"] > 0 and out["tok_s_b2"] > 0
     assert 0 < out["model_rss_mb"] < out["peak_rss_mb"] < 4096  # this child's own peak, not the parent's
