@@ -3,7 +3,8 @@
 that job with the unpruned source as teacher and the structurally pruned model as student.
 
 Reuses ``test_distill``'s module fixture ``world`` (data, a quickly trained tiny teacher ``tteacher``
-in a temporary registry, the session Ray head); its teacher is also the compress source here.
+in a temporary registry, the session Ray head). The compress source ``tsource`` is a tiny model
+trained longer than that teacher (which is little better than unigram, so pruning barely hurts it).
 """
 
 from __future__ import annotations
@@ -35,6 +36,35 @@ def pruned(world):  # noqa: F811 - the imported fixture
         shutil.copy2(f, d / f.name)
     ref = open_registry().publish("tpruned", d, lineage={}, metrics={})
     return {"dir": d, "ref": str(ref), "model": model}
+
+
+@pytest.fixture(scope="module")
+def source(world):  # noqa: F811
+    """A tiny model trained for 300 steps (~20 s), published as ``tsource`` with the data's tokenizer."""
+    import torch
+
+    from cluster.config.model import preset
+    from cluster.model import Transformer
+    from cluster.registry import open_registry
+    from train.data import load_split
+    from train.data.loader import packed_batches
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a tiny model on a shared 2-core box: more threads only contend (10x slower)
+    torch.manual_seed(0)
+    model = Transformer(preset("tiny")).init_weights(0)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _, xy in packed_batches(load_split(world["data"].dir, "train"), 64, 16, seed=2, max_steps=300):
+        loss = torch.nn.functional.cross_entropy(model(xy[:, :-1]).flatten(0, 1), xy[:, 1:].flatten())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    torch.set_num_threads(threads)
+    d = world["root"] / "source"
+    model.save_pretrained(d)
+    for f in Path(world["data"].tokenizer_dir).iterdir():
+        shutil.copy2(f, d / f.name)
+    return str(open_registry().publish("tsource", d, lineage={}, metrics={}))
 
 
 def init_cfg(world, name: str, **kw):  # noqa: F811
@@ -125,27 +155,29 @@ RECOVERY = ["recovery.enabled=true", "recovery.steps=40", "recovery.warmup_steps
             "recovery.num_workers=1", "recovery.micro_batch_size=8"]
 
 
-def test_compress_recovery_adds_a_better_recovered_row(world, tmp_path, capsys):  # noqa: F811
+def test_compress_recovery_adds_a_better_recovered_row(world, source, ray_env, tmp_path, capsys):  # noqa: F811
     from train.compress.__main__ import main
 
     variants = (f"[{{name: pruned, prune: {json.dumps(PRUNE)}, publish: false}}, "
                 f"{{name: pruned-int8, prune: {json.dumps(PRUNE)}, quant: {{scheme: int8}}, publish: false}}]")
-    args = ["-c", "configs/compress/tiny.yaml", "source=tteacher", f"out_dir={tmp_path}", f"variants={variants}",
+    args = ["-c", "configs/compress/tiny.yaml", "source=tsource", f"out_dir={tmp_path}", f"variants={variants}",
             "fail_on_gate=false", *EVAL, *RECOVERY]
     assert main(args) == 0, capsys.readouterr().err[-2000:]
     out = capsys.readouterr().out
-    assert "(2/5) recovery of pruned: distill the pruned model from tteacher:1 (40 steps)" in out
+    assert "(2/5) recovery of pruned: distill the pruned model from tsource:1 (40 steps)" in out
     assert "| pruned-recovered" in out and "| pruned-int8 (recovered)" in out
     (run_dir,) = tmp_path.iterdir()
     rows = {r["name"]: r for r in json.loads((run_dir / "results.json").read_text())}
     assert list(rows) == ["baseline", "pruned", "pruned-recovered", "pruned-int8 (recovered)"]
     assert rows["pruned-recovered"]["params"] == rows["pruned"]["params"] < rows["baseline"]["params"]
-    # the point of recovery: distillation from the unpruned model wins back held-out perplexity
-    assert rows["pruned-recovered"]["ppl"] < 0.9 * rows["pruned"]["ppl"], rows
-    assert rows["pruned-int8 (recovered)"]["ppl"] < rows["pruned"]["ppl"]
+    # the point of recovery: distilling from the unpruned model wins back a good part of the perplexity lost
+    base, pruned, recovered = (rows[n]["ppl"] for n in ("baseline", "pruned", "pruned-recovered"))
+    assert pruned > 1.05 * base, rows  # pruning hurt (else there is nothing to recover)
+    assert recovered < pruned - 0.3 * (pruned - base), (base, pruned, recovered)
+    assert rows["pruned-int8 (recovered)"]["ppl"] < pruned
     for name in ("pruned-recovered", "pruned-int8"):
         hf = json.loads((run_dir / name / "config.json").read_text())
-        assert hf["recovery"]["teacher"] == "tteacher:1" and hf["recovery"]["steps"] == 40
+        assert hf["recovery"]["teacher"] == "tsource:1" and hf["recovery"]["steps"] == 40
         assert hf["pruning"]["d_ff"] == 96 and hf["intermediate_size"] == 96
     assert json.loads((run_dir / "pruned-int8" / "config.json").read_text())["quantization_config"]["scheme"] == "int8"
 
