@@ -13,7 +13,7 @@ sets its time. Two things cut it:
   load (``capture_all``), into one shared memory pool, and replayed. Inputs live in static buffers; rows beyond the
   real batch are padding that reads and writes only the KV pool's scratch block.
 
-``compile=False`` (or a model with quantized projections) captures the eager forward instead.
+``compile=False`` (the default; or a model with quantized projections) captures the eager fused forward.
 """
 
 from __future__ import annotations

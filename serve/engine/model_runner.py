@@ -86,7 +86,7 @@ class PagedAttention:
 class ModelRunner:
     def __init__(
         self, model: Transformer, kv: KVCacheManager, device: torch.device, *, cuda_graphs: bool = False,
-        max_batch: int = 1, max_model_len: int = 1,
+        max_batch: int = 1, max_model_len: int = 1, compile: bool = False,
     ) -> None:
         self.model = model
         self.kv = kv
@@ -97,9 +97,10 @@ class ModelRunner:
         if cuda_graphs and device.type == "cuda":
             from serve.engine.cuda_graphs import DecodeGraphs
 
-            # steps that are not pure decode (prefill chunks) run compiled pieces with eager attention
-            self.fused.compile_pieces()
-            self.graphs = DecodeGraphs(self.fused, kv, device, max_batch, -(-max_model_len // kv.block_size))
+            if compile:  # steps that are not pure decode (prefill chunks) run compiled pieces, eager attention
+                self.fused.compile_pieces()
+            self.graphs = DecodeGraphs(self.fused, kv, device, max_batch, -(-max_model_len // kv.block_size),
+                                       compile=compile)
             self.graphs.capture_all()
 
     def build(self, seqs: list[Sequence], num_new: list[int]) -> tuple[torch.Tensor, torch.Tensor, StepMetadata, list[int]]:

@@ -17,8 +17,9 @@ def run(dtype: str, eager: bool, prompts, **kw):
     return [c.token_ids for c in out], eng
 
 
-@pytest.mark.parametrize("eager", [True, False])
-def test_fp32_matches_cpu_reference(eager):
+@pytest.mark.parametrize("eager,compiled", [(True, False), (False, False), (False, True)])
+def test_fp32_matches_cpu_reference(eager, compiled, monkeypatch):
+    monkeypatch.setenv("RETORT_ENGINE_COMPILE", "1" if compiled else "0")
     torch.backends.cuda.matmul.allow_tf32 = False
     ref = tiny_model()
     prompts = random_prompts(6, 1, 60, seed=21)
@@ -29,6 +30,7 @@ def test_fp32_matches_cpu_reference(eager):
     assert eng.stats().num_preemptions > 0 or eng.stats().prefix_hits > 0
     if not eager:
         assert eng.runner.graphs is not None and eng.runner.graphs.graphs
+        assert (eng.runner.graphs.layer_fn is not None) == compiled
 
 
 def test_bf16_graphs_agree_with_eager():
