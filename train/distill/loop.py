@@ -7,8 +7,10 @@ run dir). What a step does:
 - zero mode: draw this rank's rows of the global batch (``packed_batches(start_step=step)``),
   split them into ``grad_accum`` micro-batches; per micro-batch the teacher side (online
   frozen teacher under ``no_grad``, or the top-k cache looked up by window index) and the
-  student's ``kd_loss``; ``engine.backward`` + ``engine.step`` (DeepSpeed steps the optimizer
-  and the LR scheduler at the accumulation boundary).
+  student's ``kd_loss`` (``fused_kd``: ``fused_kd_loss`` from both models' final hidden states,
+  no full logits); ``engine.backward`` + ``engine.step`` (DeepSpeed steps the optimizer and the
+  LR scheduler at the accumulation boundary). The step's metrics stay on the device until one
+  all-reduce and one host read per step.
 - pipeline mode: the same rows as ``grad_accum`` micro-batches ``(tokens, (labels, ids,
   logprobs))`` through ``engine.train_batch``; the last stage computes KD.
 
