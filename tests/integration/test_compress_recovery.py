@@ -97,6 +97,9 @@ def test_student_init_dir_gives_architecture_and_weights(world, pruned):  # noqa
 
 def test_student_init_bad_inputs_are_refused(world, pruned, tmp_path):  # noqa: F811
     from cluster.errors import RetortError
+    from cluster.model import Transformer
+    from cluster.quant import quantize_model
+    from cluster.registry import open_registry
     from cluster.tokenizer import train_tokenizer
     from train.distill.job import make_plan
 
@@ -117,6 +120,14 @@ def test_student_init_bad_inputs_are_refused(world, pruned, tmp_path):  # noqa: 
     (short / "config.json").write_text(json.dumps({**hf, "max_position_embeddings": 32}))
     with pytest.raises(ValueError, match=r"seq_len \(64\) > the student's max_seq_len \(32\)"):  # a dir: at validation
         init_cfg(world, "init-short", student_init=str(short))
+    open_registry().publish("tshort", short, lineage={}, metrics={})
+    with pytest.raises(RetortError, match=r"student_init tshort:1: seq_len \(64\) > the student's max_seq_len \(32\)"):
+        make_plan(init_cfg(world, "init-short-ref", student_init="tshort"), "test")  # a ref: once resolved
+    quant = tmp_path / "quant"
+    m = quantize_model(Transformer.from_pretrained(pruned["dir"]), "int8")
+    m.save_pretrained(quant, extra_config={"quantization_config": m.quantization_config})
+    with pytest.raises(RetortError, match="is quantized"):
+        make_plan(init_cfg(world, "init-quant", student_init=str(quant)), "test")
 
 
 def test_distill_from_registry_ref_starts_at_the_init_models_loss(world, pruned):  # noqa: F811
