@@ -11,6 +11,18 @@ Works the three ways Serve runs apps::
 The model reference is pinned to one registry version here and passed to the deployments as
 init args: re-deploying after a promotion changes them, so Serve rolls the replicas over (new
 ones up, then old ones drained).
+
+Two topologies (``topology`` in the config):
+
+* ``split`` (default): Serve's proxy -> ``Ingress`` replicas (HTTP, tokenization) -> ``ModelServer``
+  replicas (engine) through a ``DeploymentHandle``. The handle's request router sees token ids, so
+  the cache-aware router can send a prompt where its prefix is cached; ingress and engines scale
+  apart. Costs one more process hop per request (Ray Serve LLM's default layout).
+* ``collocated``: Serve's proxy -> ``ModelServer`` replicas that serve HTTP themselves (the
+  ``Ingress`` class hosting the engine in-process; vLLM's API server + engine layout, and Ray Serve
+  LLM's "direct streaming"). One hop less; the autoscaling, limits and resources are the model
+  server's, but the proxy routes by load only (power of two choices): cache-aware routing needs
+  ``split`` (the config refuses the combination).
 """
 
 from __future__ import annotations
@@ -75,9 +87,21 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
     cfg = pin_model(load_serve_config(args))
     config = cfg.model_dump(mode="json")
     options = model_server_options(cfg)
+    if cfg.topology == "collocated":
+        return serve.deployment(Ingress, name=MODEL_SERVER).options(**collocated_options(cfg, options)).bind(None, config)
     routing = router_options(cfg.router, cfg.engine.block_size)  # cache-aware router when configured
     if routing is not None:
         options["request_router_config"] = routing
     server = serve.deployment(ModelServer, name=MODEL_SERVER).options(**options).bind(config)
     ingress = serve.deployment(Ingress, name=INGRESS).options(**ingress_options(cfg))
     return ingress.bind(server, config)
+
+
+def collocated_options(cfg: ServeConfig, options: dict[str, Any]) -> dict[str, Any]:
+    """The model server's options for a replica that also serves HTTP. The replica itself admits
+    ``max_ongoing_requests + max_queued_requests`` generations and answers 503 (OpenAI-style, with
+    Retry-After) past that, so Serve must hand it more than that: cheap routes (/health, 4xx
+    answers) and the requests it refuses pass through the same slots."""
+    lim = cfg.limits
+    admitted = lim.max_ongoing_requests + max(lim.max_queued_requests, 0)
+    return {**options, "max_ongoing_requests": max(2 * admitted, 64), "max_queued_requests": -1}

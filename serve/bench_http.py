@@ -1,21 +1,27 @@
-"""Serve HTTP overhead over a direct engine call, for a 1-token completion.
+"""Serve HTTP overhead over a direct engine call, for a short completion.
 
-    python -m serve.bench_http [--requests 300] [--preset tiny]
+    python -m serve.bench_http [--requests 300] [--max-tokens 1] [--preset tiny]
 
 The same checkpoint (a random ``--preset`` model with a small trained tokenizer, published to a
-temporary registry) is measured twice, sequentially, on this machine:
+temporary registry), prompt and ``max_tokens`` are measured on this machine, one request at a time:
 
 * direct: ``LLMEngine.add_request`` + ``step()`` until finished, in-process (the floor);
-* HTTP: ``POST /v1/completions`` (max_tokens=1, keep-alive client) through Serve's proxy, the
-  ingress (validation, tokenization) and a streaming handle call to the model-server replica.
+* Serve's own floor: a constant-returning deployment behind the same proxy (one proxy -> replica
+  hop, no work) -- what no app on this Serve can go below; for a POST the replica also fetches
+  the body from the proxy (``receive_asgi_messages``, one more actor call), so both are measured;
+* both app topologies (``serve.app``), ``GET /health`` and ``POST /v1/completions`` non-streamed
+  and streamed (the whole SSE response to ``[DONE]``), keep-alive client:
+  ``split`` = proxy -> ingress replica -> model-server replica (DeploymentHandle);
+  ``collocated`` = proxy -> model-server replica serving HTTP itself.
 
-Prints p50/p99 of both and their ratio; the overhead is HTTP p50 minus direct p50.
+The HTTP paths are measured in interleaved rounds so that load from other processes on a shared
+machine falls on all of them alike; the load average is printed. Overhead = HTTP p50 - direct p50.
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -24,6 +30,10 @@ from typing import Any
 PROMPT = "def add(a, b):\n    return a + b\n"
 CORPUS = ("The quick brown fox jumps over the lazy dog. def add(a, b): return a + b\n"
           "class Point: pass. Sphinx of black quartz, judge my vow. 東京 naïve café 🙂\n") * 40
+WARMUP = 10
+ROUNDS = 5
+FLOOR_GET = "serve floor: constant, GET"
+FLOOR_POST = "serve floor: constant, POST body"
 
 
 def _pct(xs: list[float], q: float) -> float:
@@ -48,50 +58,77 @@ def publish_random(root: Path, preset: str) -> Path:
     return reg.resolve(ref)
 
 
-def bench_direct(model_dir: Path, engine_cfg: Any, n: int) -> list[float]:
+def bench_direct(model_dir: Path, engine_cfg: Any, n: int, max_tokens: int) -> list[float]:
     from cluster.tokenizer import load_tokenizer
     from serve.engine import LLMEngine, SamplingParams
 
     engine = LLMEngine.from_pretrained(model_dir, engine_cfg)
     ids = load_tokenizer(model_dir).encode(PROMPT)
-    params = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
     out = []
-    for i in range(n + 10):
+    for i in range(n + WARMUP):
         t0 = time.perf_counter()
         engine.add_request(f"r{i}", ids, params)
         while engine.has_unfinished():
             engine.step()
-        if i >= 10:  # warm-up
+        if i >= WARMUP:
             out.append(time.perf_counter() - t0)
     return out
 
 
-def bench_http(url: str, n: int) -> list[float]:
+def _paths(base: dict[str, str], max_tokens: int) -> dict[str, tuple[str, str, dict | None]]:
+    """name -> (method, url, json body) of every HTTP path measured."""
+    body = {"model": "bench", "prompt": PROMPT, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True}
+    paths: dict[str, tuple[str, str, dict | None]] = {FLOOR_GET: ("GET", base["const"], None),
+                                                      FLOOR_POST: ("POST", base["const"], body)}
+    for topo in ("split", "collocated"):
+        paths[f"{topo}: GET /health"] = ("GET", base[topo] + "/health", None)
+        paths[f"{topo}: completions"] = ("POST", base[topo] + "/v1/completions", body)
+        paths[f"{topo}: completions stream"] = ("POST", base[topo] + "/v1/completions", {**body, "stream": True})
+    return paths
+
+
+def _once(client: Any, method: str, url: str, body: dict | None) -> float:
+    t0 = time.perf_counter()
+    r = client.request(method, url, json=body)  # reads the whole body (the SSE stream to [DONE] included)
+    dt = time.perf_counter() - t0
+    if r.status_code != 200:
+        raise RuntimeError(f"{method} {url}: HTTP {r.status_code}: {r.text[:200]}")
+    if body and body.get("stream") and not r.text.rstrip().endswith("data: [DONE]"):
+        raise RuntimeError(f"{url}: stream did not end with [DONE]: {r.text[-200:]}")
+    return dt
+
+
+def bench_http(paths: dict[str, tuple[str, str, dict | None]], n: int) -> dict[str, list[float]]:
+    """``n`` timed requests per path after a warm-up, in ``ROUNDS`` interleaved rounds."""
     import httpx
 
-    body = {"model": "bench", "prompt": PROMPT, "max_tokens": 1, "temperature": 0, "ignore_eos": True}
-    out = []
+    times: dict[str, list[float]] = {name: [] for name in paths}
     with httpx.Client(timeout=60) as c:
-        for i in range(n + 10):
-            t0 = time.perf_counter()
-            r = c.post(url + "/v1/completions", json=body)
-            dt = time.perf_counter() - t0
-            if r.status_code != 200:
-                raise RuntimeError(f"HTTP {r.status_code}: {r.text[:200]}")
-            if i >= 10:
-                out.append(dt)
-    return out
+        for method, url, body in paths.values():
+            for _ in range(WARMUP):
+                _once(c, method, url, body)
+        per_round = -(-n // ROUNDS)
+        for r in range(ROUNDS):
+            names = list(paths)[r % len(paths):] + list(paths)[: r % len(paths)]  # rotate the order
+            for name in names:
+                method, url, body = paths[name]
+                times[name] += [_once(c, method, url, body) for _ in range(min(per_round, n - len(times[name])))]
+    return times
 
 
-def measure_http_overhead(n: int = 300, preset: str = "tiny", prefix_caching: bool = False) -> dict[str, Any]:
-    """p50/p99 (seconds) of a 1-token completion: direct engine call vs HTTP through Serve."""
+def measure_http_overhead(n: int = 300, preset: str = "tiny", max_tokens: int = 1,
+                          prefix_caching: bool = False) -> dict[str, Any]:
+    """Latencies (seconds) of one completion: direct engine call vs HTTP through Serve, both topologies."""
     import ray
+    import torch
     from ray import serve
 
     from cluster.config.serve import ServeConfig
     from cluster.net import free_port
     from serve.app import build_app
 
+    load_before = os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         model_dir = publish_random(root, preset)
@@ -102,42 +139,74 @@ def measure_http_overhead(n: int = 300, preset: str = "tiny", prefix_caching: bo
                        "device": "cpu", "enable_prefix_caching": prefix_caching},
             "registry": {"root": str(root / "registry"), "cache_dir": str(root / "cache")},
             "replica": {"num_cpus": 0.5, "torch_threads": 1}})
-        import torch
-
-        torch.set_num_threads(1)  # same as the replica
-        direct = bench_direct(model_dir, cfg.engine, n)
+        torch.set_num_threads(1)  # same as the replicas
+        direct = bench_direct(model_dir, cfg.engine, n, max_tokens)
         ray.init(num_cpus=4, object_store_memory=256 * 1024**2, include_dashboard=False, log_to_driver=False)
         try:
             serve.start(http_options={"host": "127.0.0.1", "port": port})
-            serve.run(build_app({"serve_config": cfg.model_dump(mode="json")}), name="bench", route_prefix="/")
-            http = bench_http(f"http://127.0.0.1:{port}", n)
+            serve.run(_constant_app(), name="const", route_prefix="/const")
+            url = f"http://127.0.0.1:{port}"
+            for topo in ("split", "collocated"):
+                app_cfg = cfg.model_copy(update={"app_name": topo, "route_prefix": f"/{topo}", "topology": topo})
+                serve.run(build_app({"serve_config": app_cfg.model_dump(mode="json")}), name=topo,
+                          route_prefix=f"/{topo}")
+            http = bench_http(_paths({"const": url + "/const", "split": url + "/split",
+                                      "collocated": url + "/collocated"}, max_tokens), n)
         finally:
             serve.shutdown()
             ray.shutdown()
-    return {"n": n, "preset": preset,
-            "direct_p50": _pct(direct, 0.5), "direct_p99": _pct(direct, 0.99), "direct_mean": statistics.mean(direct),
-            "http_p50": _pct(http, 0.5), "http_p99": _pct(http, 0.99), "http_mean": statistics.mean(http)}
+    return {"n": n, "preset": preset, "max_tokens": max_tokens, "load": (load_before, os.getloadavg()),
+            "cores": os.cpu_count(), "direct": direct, **http}
+
+
+def _constant_app() -> Any:
+    from ray import serve
+
+    @serve.deployment(name="Constant", ray_actor_options={"num_cpus": 0.1})
+    class Constant:
+        async def __call__(self, request: Any) -> str:
+            await request.body()  # a POST's body comes from the proxy in one more call, as for the app
+            return "ok"
+
+    return Constant.bind()
 
 
 def format_table(r: dict[str, Any]) -> str:
     ms = 1000.0
-    rows = [("direct engine call", r["direct_p50"], r["direct_p99"]), ("HTTP via Serve", r["http_p50"], r["http_p99"])]
-    lines = [f"1-token completion, {r['preset']} model, {r['n']} sequential requests", "",
-             f"{'path':<22}{'p50 ms':>10}{'p99 ms':>10}", "-" * 42]
-    lines += [f"{name:<22}{p50 * ms:>10.2f}{p99 * ms:>10.2f}" for name, p50, p99 in rows]
-    lines += ["-" * 42,
-              f"{'ratio HTTP/direct':<22}{r['http_p50'] / r['direct_p50']:>9.1f}x{r['http_p99'] / r['direct_p99']:>9.1f}x",
-              f"{'Serve overhead':<22}{(r['http_p50'] - r['direct_p50']) * ms:>10.2f}"
-              f"{(r['http_p99'] - r['direct_p99']) * ms:>10.2f}"]
+    d50, d99 = _pct(r["direct"], 0.5), _pct(r["direct"], 0.99)
+    floors = {"GET": _pct(r[FLOOR_GET], 0.5), "POST": _pct(r[FLOOR_POST], 0.5)}
+    (b1, b5, b15), (a1, a5, a15) = r["load"]
+    lines = [f"{r['max_tokens']}-token completion, {r['preset']} model, {r['n']} sequential requests per path "
+             f"({ROUNDS} interleaved rounds)",
+             f"load average before {b1:.2f} {b5:.2f} {b15:.2f}, after {a1:.2f} {a5:.2f} {a15:.2f} ({r['cores']} cores)", "",
+             f"{'path':<38}{'p50 ms':>9}{'p99 ms':>9}{'p50 x direct':>14}{'p50 - direct':>14}{'p50 - floor':>13}",
+             "-" * 97,
+             f"{'direct engine call (in-process)':<38}{d50 * ms:>9.2f}{d99 * ms:>9.2f}{'1.0x':>14}{'-':>14}{'-':>13}"]
+    for name, xs in r.items():
+        if not isinstance(xs, list) or name == "direct":
+            continue
+        p50, p99 = _pct(xs, 0.5), _pct(xs, 0.99)
+        engine = name.endswith(("completions", "completions stream"))
+        floor = floors["POST" if engine or name == FLOOR_POST else "GET"]
+        extra = (f"{p50 / d50:>13.1f}x{(p50 - d50) * ms:>14.2f}{(p50 - d50 - floor) * ms:>13.2f}" if engine else
+                 f"{'':>14}{'':>14}{(p50 - floor) * ms:>13.2f}")
+        lines.append(f"{name:<38}{p50 * ms:>9.2f}{p99 * ms:>9.2f}{extra}")
+    lines += ["-" * 97,
+              "p50 - direct: the HTTP overhead over a direct engine call (goal <= 5 ms). p50 - floor: what is left",
+              "after Serve's own proxy -> replica floor (the constant deployment, GET or POST alike), i.e. what the",
+              "app adds on top of Serve (for completions: on top of floor + direct engine time)."]
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m serve.bench_http", description=__doc__.split("\n\n")[0])
     p.add_argument("--requests", type=int, default=300, help="measured requests per path (after 10 warm-up)")
+    p.add_argument("--max-tokens", type=int, default=1, help="max_tokens of every request (ignore_eos)")
     p.add_argument("--preset", default="tiny", help="model preset (random weights)")
     args = p.parse_args(argv)
-    print(format_table(measure_http_overhead(args.requests, args.preset)))
+    if args.requests < 1 or args.max_tokens < 1:
+        p.error("--requests and --max-tokens must be >= 1")
+    print(format_table(measure_http_overhead(args.requests, args.preset, args.max_tokens)))
     return 0
 
 

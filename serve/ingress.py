@@ -2,9 +2,15 @@
 
 Routes: ``POST /v1/completions``, ``POST /v1/chat/completions``, ``GET /v1/models``,
 ``GET /health``. The ingress tokenizes (so a cache-aware router sees token ids), validates
-against the model's vocabulary and context, sends token ids to a model-server replica through
-a streaming ``DeploymentHandle`` call, and detokenizes the answer incrementally (stop strings
-are found here). Every failure is an OpenAI-style JSON error with a 4xx or 503 status.
+against the model's vocabulary and context and sends token ids to the engine (``serve.generation``):
+
+* topology ``split`` (default): to a model-server replica through a ``DeploymentHandle`` (routed
+  by the cache-aware router when configured). Streamed requests are a streaming call detokenized
+  here; non-streamed ones one unary ``complete`` call that the replica finishes on its own.
+* topology ``collocated``: this replica IS the model server (``serve.app`` deploys it under the
+  model server's name, with its autoscaling and resources); the engine is called in-process.
+
+Every failure is an OpenAI-style JSON error with a 4xx or 503 status.
 """
 
 import asyncio
@@ -22,7 +28,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from cluster import metrics as M
 from cluster.config.serve import ServeConfig
 from serve.auth import APIKeys
-from serve.generation import Delta, Generation
+from serve.generation import Delta, Generation, LocalServer, RemoteServer
 from serve.guard import Guard, GuardMiddleware, read_body, request_id_of
 from serve.protocol import (
     SSE_DONE,
@@ -40,7 +46,7 @@ from serve.protocol import (
     usage,
     validate_request,
 )
-from serve.server import resolve_model
+from serve.server import ModelServer, resolve_model
 
 log = logging.getLogger("retort.serve")
 
@@ -113,9 +119,17 @@ class Ingress:
         from cluster.tokenizer import load_tokenizer
 
         cfg = ServeConfig.model_validate(config)
-        self.cfg, self.server = cfg, server
-        self.model = resolve_model(cfg)
-        self.tok = load_tokenizer(cfg.model.tokenizer or self.model.dir)
+        self.cfg = cfg
+        # server: a DeploymentHandle to the model servers (split), or None: host the engine here (collocated)
+        self.local: ModelServer | None = ModelServer(config) if server is None else None
+        if self.local is not None:
+            lim = cfg.limits
+            admitted = lim.max_ongoing_requests + lim.max_queued_requests if lim.max_queued_requests >= 0 else None
+            self.server = LocalServer(self.local, admitted, lim.retry_after_s)
+        else:
+            self.server = RemoteServer(server)
+        self.model = self.local.model if self.local is not None else resolve_model(cfg)
+        self.tok = self.local.tokenizer if self.local is not None else load_tokenizer(cfg.model.tokenizer or self.model.dir)
         mcfg = config_from_hf(read_hf_config(self.model.dir))
         if self.tok.vocab_size > mcfg.vocab_size:
             raise ValueError(f"tokenizer has {self.tok.vocab_size} ids but the model only {mcfg.vocab_size}")
@@ -127,6 +141,26 @@ class Ingress:
         keys = APIKeys.from_config(cfg.auth)
         app.state.guard = Guard(keys, cfg.limits.max_body_bytes, cfg.limits.retry_after_s, self.name,
                                 M.make(M.RESPONSES))
+
+    # --- the model server's methods, when this replica hosts the engine (collocated) -----------
+
+    def _engine(self) -> ModelServer:
+        if self.local is None:
+            raise RuntimeError("this ingress has no engine: topology is split, ask the ModelServer deployment")
+        return self.local
+
+    async def check_health(self) -> None:
+        if self.local is not None:
+            await self.local.check_health()
+
+    def stats(self) -> dict[str, Any]:
+        return {**self._engine().stats(), "inflight": self.server.inflight}
+
+    def info(self) -> dict[str, Any]:
+        return self._engine().info()
+
+    def record_routing_stats(self) -> dict[str, Any]:
+        return self.local.record_routing_stats() if self.local is not None else {}
 
     # --- routes -------------------------------------------------------------------------------
 
@@ -148,11 +182,11 @@ class Ingress:
         ids = await self._tokens(prompt)
         gen = self._generation(req, ids, req.stop, req.logprobs, list(req.stop_token_ids or []))
         rid = new_id("cmpl")
-        await self._start(gen, request)
         if req.stream:
+            await self._start(gen, request)
             include = bool(req.stream_options and req.stream_options.include_usage)
             return _sse_response(self._completion_chunks(gen, rid, include), gen)
-        total = await self._collect(gen)
+        total = await self._complete(gen, request)
         lp = completion_logprobs(total.tokens, total.logprobs, total.top_logprobs, 0) if req.logprobs is not None else None
         choice = {"index": 0, "text": total.text, "logprobs": lp, "finish_reason": total.finish_reason}
         return _json_response(completion_body(rid, self.name, [choice], usage(gen.prompt_tokens, gen.completion_tokens,
@@ -172,11 +206,11 @@ class Ingress:
         stop_ids = sorted(set(req.stop_token_ids or []) | set(self.tok.stop_ids))
         gen = self._generation(req, ids, req.stop, req.num_logprobs(), stop_ids)
         rid = new_id("chatcmpl")
-        await self._start(gen, request)
         if req.stream:
+            await self._start(gen, request)
             include = bool(req.stream_options and req.stream_options.include_usage)
             return _sse_response(self._chat_chunks(gen, rid, include, req.logprobs), gen)
-        total = await self._collect(gen)
+        total = await self._complete(gen, request)
         lp = chat_logprobs(total.tokens, total.logprobs, total.top_logprobs) if req.logprobs else None
         choice = {"index": 0, "message": {"role": "assistant", "content": total.text}, "logprobs": lp,
                   "finish_reason": total.finish_reason}
@@ -238,22 +272,25 @@ class Ingress:
                           deadline=time.monotonic() + limits.request_timeout_s, timeout_s=limits.request_timeout_s,
                           retry_after_s=limits.retry_after_s, skip_ids=self.eos | set(stop_ids), logprobs=logprobs)
 
+    def _engine_request_id(self, request: Request) -> str:
+        return f"{request_id_of(request.scope)}/{uuid.uuid4().hex[:12]}"
+
     async def _start(self, gen: Generation, request: Request) -> None:
         try:
-            await gen.start(f"{request_id_of(request.scope)}/{uuid.uuid4().hex[:12]}")
+            await gen.start(self._engine_request_id(request))
         except APIError:
             raise
         except Exception as e:  # noqa: BLE001 - replica died / unavailable: the client may retry
             log.warning("model server call failed: %r", e)
             raise _unavailable(self.cfg.limits.retry_after_s) from None
 
-    async def _collect(self, gen: Generation) -> Delta:
+    async def _complete(self, gen: Generation, request: Request) -> Delta:
         try:
-            return await gen.collect()
+            return await gen.complete(self._engine_request_id(request))
         except APIError:
             raise
-        except Exception as e:  # noqa: BLE001
-            log.warning("model server stream failed: %r", e)
+        except Exception as e:  # noqa: BLE001 - replica died / unavailable: the client may retry
+            log.warning("model server call failed: %r", e)
             raise _unavailable(self.cfg.limits.retry_after_s) from None
 
     # --- streaming ----------------------------------------------------------------------------

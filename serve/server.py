@@ -1,15 +1,19 @@
 """The model-server deployment: one ``LLMEngine`` per replica, driven by an asyncio loop.
 
-``EngineDriver`` owns the engine. ``step()`` runs in one worker thread so the replica's event
-loop keeps accepting and streaming while the model computes; ``add_request`` / ``abort`` are
-queued and applied between steps by the loop itself, so the engine is only ever touched by one
-thread at a time. Each request gets an ``asyncio.Queue`` of its outputs; when the caller goes
+``EngineDriver`` owns the engine. A long ``step()`` runs in one worker thread so the replica's
+event loop keeps accepting and streaming while the model computes; a short one (its measured
+moving average under ``inline_step_s``, no long prompt just added) runs on the loop itself, since
+handing it to a thread and back costs more than the step (~2 ms on a busy 2-core box against a
+sub-millisecond tiny-model step). ``add_request`` / ``abort`` are queued and applied between
+steps by the loop, so the engine is only ever touched by one thread at a time. Each request gets an ``asyncio.Queue`` of its outputs; when the caller goes
 away (client disconnect, stop string found, timeout) the generator's ``finally`` aborts the
 request, which frees its KV blocks at the next step boundary.
 
 ``ModelServer.generate`` streams plain dicts (the wire format between ingress and server):
 first ``{"accepted": True, ...first output}`` or ``{"error": msg, "status": 400}``, then one
-dict per step.
+dict per step. ``ModelServer.complete`` runs a non-streamed request to its end in the replica
+(detokenization and stop strings included, like vLLM's output processor) and answers once, so a
+non-streamed request costs one message instead of one per step.
 """
 
 from __future__ import annotations
@@ -27,10 +31,14 @@ from typing import Any
 
 from cluster import metrics as M
 from cluster.config.serve import ServeConfig
+from serve.generation import Delta, TextDecoder
 
 log = logging.getLogger("retort.serve")
 
 GAUGE_REFRESH_S = 2.0  # idle replicas re-set their gauges this often
+INLINE_STEP_S = 0.002  # steps expected to be shorter than this run on the event loop (0: always in the thread)
+INLINE_MAX_NEW_TOKENS = 64  # ... unless prompts with more tokens than this were just added (a long prefill)
+STEP_EMA = 0.2  # weight of the newest step in the moving average of step times
 
 
 @dataclass
@@ -94,8 +102,12 @@ class _Stream:
 class EngineDriver:
     """Runs ``engine.step()`` in a loop; per-request queues; abort on cancellation."""
 
-    def __init__(self, engine: Any, metrics: ServingMetrics | None = None) -> None:
+    def __init__(self, engine: Any, metrics: ServingMetrics | None = None, inline_step_s: float = INLINE_STEP_S) -> None:
         self.engine = engine
+        self.inline_step_s = inline_step_s
+        self.step_time: float | None = None  # moving average of step() wall time (s); None until measured
+        self.num_inline_steps = 0
+        self._new_tokens = 0  # prompt tokens added since the last step
         self.metrics = metrics
         self.error: BaseException | None = None
         self.num_aborted = 0
@@ -155,10 +167,17 @@ class EngineDriver:
                     if not self._adds and not self._aborts:
                         await self._idle()
                     continue
-                outputs = await loop.run_in_executor(self._executor, self.engine.step)
+                if self._inline():
+                    outputs, took = self._timed_step()
+                    self.num_inline_steps += 1
+                else:
+                    outputs, took = await loop.run_in_executor(self._executor, self._timed_step)
+                self._new_tokens = 0
+                self.step_time = took if self.step_time is None else STEP_EMA * took + (1 - STEP_EMA) * self.step_time
                 self._dispatch(outputs)
                 if self.metrics is not None:
                     self.metrics.engine_stats(self.engine.stats())
+                await asyncio.sleep(0)  # after an inline step: let consumers and new requests run
         except asyncio.CancelledError:
             raise
         except BaseException as e:  # the engine is in an unknown state: fail every request, go unhealthy
@@ -168,6 +187,15 @@ class EngineDriver:
                 if s.accepted is not None and not s.accepted.done():
                     s.accepted.set_exception(RuntimeError(f"engine failed: {e}"))
                 s.queue.put_nowait(RuntimeError(f"engine failed: {e}"))
+
+    def _inline(self) -> bool:
+        return (self.step_time is not None and self.step_time < self.inline_step_s
+                and self._new_tokens <= INLINE_MAX_NEW_TOKENS)
+
+    def _timed_step(self) -> tuple[list[Any], float]:
+        t0 = time.perf_counter()
+        outputs = self.engine.step()
+        return outputs, time.perf_counter() - t0
 
     async def _idle(self) -> None:
         """Wait for work; meanwhile re-publish the gauges (Ray exports a gauge only while it is set)."""
@@ -192,6 +220,7 @@ class EngineDriver:
                 stream.accepted.set_exception(e)
                 continue
             stream.accepted.set_result(True)
+            self._new_tokens += len(ids)
             if self.metrics is not None:
                 self.metrics.prompt_tokens.inc(len(ids))
         aborts, self._aborts = self._aborts, []
@@ -238,13 +267,17 @@ class EngineDriver:
         st = self.engine.stats()
         out = {k: v for k, v in vars(st).items() if isinstance(v, (int, float, str, bool))} if hasattr(st, "__dict__") else {}
         out.update(num_aborted=self.num_aborted, num_finished=self.num_finished, num_streams=len(self._streams),
-                   healthy=self.healthy)
+                   num_inline_steps=self.num_inline_steps, step_time_s=self.step_time, healthy=self.healthy)
         return out
 
     async def close(self) -> None:
         if self._task is not None:
             self._task.cancel()
         self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+def _input_error(e: ValueError) -> dict[str, Any]:
+    return {"error": str(e).splitlines()[0] if str(e) else "invalid request", "status": 400}
 
 
 def _output_dict(out: Any) -> dict[str, Any]:
@@ -277,24 +310,63 @@ class ModelServer:
         version.set(float(self.model.version or 0))
         self.metrics.deployed = (version, float(self.model.version or 0))
         self.driver = EngineDriver(engine, self.metrics)
+        from cluster.tokenizer import load_tokenizer
+
+        self.tokenizer = load_tokenizer(cfg.model.tokenizer or self.model.dir)  # for ``complete``'s detokenization
         log.info("replica %s serves %s (version %s) from %s", replica, cfg.model.ref, self.model.version, self.model.dir)
+
+    def _start(self, request_id: str, prompt_token_ids: list[int], params: dict[str, Any],
+               salt: str | None) -> AsyncIterator[Any]:
+        from serve.engine import SamplingParams
+
+        return self.driver.generate(request_id, prompt_token_ids, SamplingParams(**params), salt)
 
     async def generate(self, request_id: str, prompt_token_ids: list[int], params: dict[str, Any],
                        salt: str | None = None) -> AsyncIterator[dict[str, Any]]:
-        from serve.engine import SamplingParams
-
         try:
-            sp = SamplingParams(**params)
-            gen = self.driver.generate(request_id, prompt_token_ids, sp, salt)
+            gen = self._start(request_id, prompt_token_ids, params, salt)
             first = await gen.__anext__()
         except StopAsyncIteration:
             return
         except ValueError as e:
-            yield {"error": str(e).splitlines()[0] if str(e) else "invalid request", "status": 400}
+            yield _input_error(e)
             return
-        yield {"accepted": True, "version": self.model.version, **_output_dict(first)}  # one message, one hop
-        async for out in gen:
-            yield _output_dict(out)
+        try:
+            yield {"accepted": True, "version": self.model.version, **_output_dict(first)}  # one message, one hop
+            async for out in gen:
+                yield _output_dict(out)
+        finally:
+            await gen.aclose()  # cancelled or closed early: the driver aborts the engine request
+
+    async def complete(self, request_id: str, prompt_token_ids: list[int], params: dict[str, Any],
+                       salt: str | None = None, decode: dict[str, Any] | None = None) -> dict[str, Any]:
+        """A whole non-streamed request: generate, detokenize, cut at stop strings, answer once.
+        ``decode``: ``stops``, ``skip_ids`` and ``logprobs`` (top n, or None) as the ingress sets them.
+        Same argument order as ``generate`` (the cache-aware router reads ids and salt from it)."""
+        decode = decode or {}
+        decoder = TextDecoder(self.tokenizer, prompt_token_ids, decode.get("stops"), set(decode.get("skip_ids") or ()),
+                              decode.get("logprobs"))
+        try:
+            gen = self._start(request_id, prompt_token_ids, params, salt)
+            out = await gen.__anext__()
+        except StopAsyncIteration:
+            return {"error": "model server ended the request early", "status": 503}
+        except ValueError as e:
+            return _input_error(e)
+        total = Delta("")
+        try:
+            while True:
+                delta = decoder.consume(_output_dict(out))
+                if delta is not None:
+                    total.add(delta)
+                if out.finished or decoder.stopped:
+                    break
+                out = await gen.__anext__()
+        finally:
+            await gen.aclose()  # a stop string (or cancellation) ends it early: abort in the engine
+        return {"version": self.model.version, "text": total.text, "tokens": total.tokens, "logprobs": total.logprobs,
+                "top_logprobs": total.top_logprobs, "finish_reason": total.finish_reason,
+                "completion_tokens": decoder.completion_tokens, "cached_tokens": decoder.cached_tokens}
 
     def info(self) -> dict[str, Any]:
         return {"ref": self.model.ref, "name": self.model.name, "version": self.model.version,

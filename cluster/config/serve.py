@@ -8,6 +8,8 @@ Serve performs a rolling update).
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field, model_validator
 
 from cluster.config.base import StrictModel
@@ -111,3 +113,14 @@ class ServeConfig(StrictModel):
     deploy_timeout_s: float = Field(600.0, gt=0, description="`retort serve deploy` waits this long for RUNNING.")
     kv_store: KVStoreConfig = Field(default_factory=KVStoreConfig, description="KV block store shared by replicas.")
     router: RouterConfig = Field(default_factory=RouterConfig, description="How requests pick a model-server replica.")
+    topology: Literal["split", "collocated"] = Field(
+        "split", description="split: HTTP ingress replicas call model-server replicas through a DeploymentHandle "
+        "(cache-aware routing; ingress and engines scale apart); collocated: every model-server replica serves "
+        "HTTP itself (one process hop less; Serve's proxy routes by load only).")
+
+    @model_validator(mode="after")
+    def _check_topology(self) -> ServeConfig:
+        if self.topology == "collocated" and self.router.policy == "cache_aware":
+            raise ValueError("router.policy cache_aware needs topology split: with collocated replicas Serve's proxy "
+                             "picks the replica before the prompt is tokenized")
+        return self

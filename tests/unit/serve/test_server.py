@@ -94,3 +94,39 @@ def test_engine_failure_fails_requests_and_health(engine, monkeypatch):
 
     driver = asyncio.run(main())
     assert not driver.healthy
+
+
+# --- inline steps -------------------------------------------------------------------------------
+
+
+def test_short_steps_run_inline_and_give_the_same_tokens(engine):
+    async def main():
+        threaded = EngineDriver(engine, inline_step_s=0.0)
+        a = await _collect(threaded, "t", [1, 2, 3], 6)
+        await threaded.close()
+        inline = EngineDriver(engine, inline_step_s=10.0)
+        b = await _collect(inline, "i", [1, 2, 3], 6)
+        long_before = inline.num_inline_steps
+        await _collect(inline, "long", list(range(1, 101)), 1)  # a 100-token prompt: its prefill goes to the thread
+        long_after = inline.num_inline_steps
+        await inline.close()
+        return a, b, threaded, inline, long_before, long_after
+
+    a, b, threaded, inline, long_before, long_after = asyncio.run(main())
+    assert a == b and len(a) == 6
+    assert threaded.num_inline_steps == 0
+    assert inline.num_inline_steps >= 4  # all but the first (unmeasured) steps
+    assert long_after == long_before and inline.step_time is not None
+
+
+def test_engine_failure_in_an_inline_step(engine, monkeypatch):
+    async def main():
+        driver = EngineDriver(engine, inline_step_s=10.0)
+        await _collect(driver, "warm", [1, 2], 2)
+        monkeypatch.setattr(engine, "step", lambda: (_ for _ in ()).throw(RuntimeError("inline boom")))
+        with pytest.raises(RuntimeError, match="inline boom"):
+            await _collect(driver, "x", [1], 3)
+        return driver
+
+    driver = asyncio.run(main())
+    assert not driver.healthy and driver.num_inline_steps >= 1
