@@ -55,13 +55,15 @@ def run(cfg) -> dict[str, Any]:
     box: list[Any] = [None]
     if rank == 0:
         try:
-            box[0] = make_plan(cfg, job_id=os.environ.get("TORCHELASTIC_RUN_ID", "torchrun"))
+            plan_info = make_plan(cfg, job_id=os.environ.get("TORCHELASTIC_RUN_ID", "torchrun"))
+            box[0] = (*plan_info, cfg.model_dump())  # make_plan pins cfg (e.g. student_init -> its dir)
         except RetortError as e:
             box[0] = e
     dist.broadcast_object_list(box, src=0)
     if isinstance(box[0], Exception):
         raise box[0]
-    plan_d, info = box[0]
+    plan_d, info, cfg_d = box[0]
+    cfg = type(cfg).model_validate(cfg_d)  # every rank trains what rank 0 resolved
     plan = plan_d if isinstance(plan_d, Plan) else Plan(**plan_d)
     hooks = DirHooks(run_dir_of(cfg) / "checkpoints", cfg.keep_checkpoints)
     res = run_worker(cfg, plan, hooks, use_ray=False)
