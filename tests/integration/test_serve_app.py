@@ -1,7 +1,8 @@
 """The Serve app over real HTTP on the session Ray cluster: the openai client, streaming, stop
 strings, logprobs, every bad input's status code, auth on every route, timeouts, backpressure,
-client disconnect, metrics. One Serve instance for the module (two apps: the main one with auth,
-and a "strict" one with a tiny timeout and queue)."""
+client disconnect, metrics. One Serve instance for the module, four apps: for each topology
+(``split``: ingress -> model server through a handle; ``collocated``: the model server serves HTTP)
+a main one with auth and a "strict" one with a tiny timeout and queue. Most tests run on both."""
 
 from __future__ import annotations
 
@@ -19,32 +20,47 @@ pytestmark = pytest.mark.integration
 
 KEY = "sk-test-6f1d"
 AUTH = {"Authorization": f"Bearer {KEY}"}
-LONG = {"max_tokens": 200, "ignore_eos": True, "temperature": 0}
+# tiny-model steps take ~0.5-2 ms: 240 tokens (the 256-token context minus the prompt) outlast the
+# strict apps' 0.1 s timeout
+LONG = {"max_tokens": 240, "ignore_eos": True, "temperature": 0}
+TOPOLOGIES = ("split", "collocated")
 
 
 @dataclass
 class App:
-    url: str
+    url: str  # the main app (auth) of the topology under test
     strict_url: str
+    name: str  # its Serve application name
+    topology: str
     tokenizer_dir: Path
     metrics_port: int
 
 
 @pytest.fixture(scope="module")
-def app(ray_cluster, tmp_path_factory):
+def apps(ray_cluster, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("serve_app")
     registry = tmp / "registry"
     publish_tiny(registry, tmp)
     inst = ServeInstance(ray_cluster)
     try:
-        url = inst.deploy(serve_args(registry, **{"auth.api_keys": [KEY], "autoscaling.max_replicas": 1}))
-        strict = inst.deploy(serve_args(registry, **{
-            "app_name": "strict", "route_prefix": "/strict", "limits.request_timeout_s": 0.3,
-            "limits.max_ongoing_requests": 1, "limits.max_queued_requests": 1, "autoscaling.max_replicas": 1,
-            "replica.num_cpus": 0.25}))
-        yield App(url, strict, tmp / "student-0", ray_cluster.metrics_export_port)
+        out = {}
+        for topo, name, prefix in (("split", "retort", ""), ("collocated", "colo", "/colo")):
+            url = inst.deploy(serve_args(registry, **{
+                "app_name": name, "route_prefix": prefix or "/", "topology": topo, "auth.api_keys": [KEY],
+                "autoscaling.max_replicas": 1}))
+            strict = inst.deploy(serve_args(registry, **{
+                "app_name": f"{name}-strict", "route_prefix": f"{prefix}/strict", "topology": topo,
+                "limits.request_timeout_s": 0.1, "limits.max_ongoing_requests": 1, "limits.max_queued_requests": 1,
+                "autoscaling.max_replicas": 1, "replica.num_cpus": 0.25}))
+            out[topo] = App(url, strict, name, topo, tmp / "student-0", ray_cluster.metrics_export_port)
+        yield out
     finally:
         inst.close()
+
+
+@pytest.fixture(scope="module", params=TOPOLOGIES)
+def app(apps, request):
+    return apps[request.param]
 
 
 @pytest.fixture(scope="module")
@@ -266,7 +282,7 @@ def test_app_keeps_serving_after_garbage(app, client):
         post(app.url + path, body)
     assert httpx.get(app.url + "/health").status_code == 200
     assert client.completions.create(model="student", prompt="still alive?", max_tokens=3).usage.completion_tokens <= 3
-    assert model_server_stats("retort")["healthy"]
+    assert model_server_stats(app.name)["healthy"]
 
 
 # --- limits: timeout, backpressure, disconnect -------------------------------------------------------
@@ -288,11 +304,22 @@ def test_backpressure_is_503_with_retry_after(app):
     overloaded = [r for r in responses if r.status_code == 503]
     assert overloaded, codes
     assert all(r.headers.get("retry-after") for r in overloaded)
-    assert post(app.strict_url + C, OK).status_code == 200  # recovers
+    assert all(r.json()["error"]["code"] == "overloaded" for r in overloaded)  # OpenAI-style body, not Serve's text
+    # recovers (a 1-token request fits the 0.1 s timeout; a loaded machine may need another try)
+    assert any(post(app.strict_url + C, {**OK, "max_tokens": 1}).status_code == 200 for _ in range(5))
+
+
+def _wait_aborted(name: str, before: int) -> dict:
+    deadline = time.monotonic() + 20
+    stats = model_server_stats(name)
+    while time.monotonic() < deadline and not (stats["num_aborted"] > before and stats["num_running"] == 0):
+        time.sleep(0.2)
+        stats = model_server_stats(name)
+    return stats
 
 
 def test_client_disconnect_aborts_generation(app):
-    before = model_server_stats("retort")["num_aborted"]
+    before = model_server_stats(app.name)["num_aborted"]
     with httpx.stream("POST", app.url + C, headers=AUTH, timeout=60,
                       json={**OK, **LONG, "prompt": "a long one", "stream": True}) as r:
         assert r.status_code == 200
@@ -300,11 +327,18 @@ def test_client_disconnect_aborts_generation(app):
         next(lines)
         next(lines)
     # the connection is closed: Serve cancels the ingress call, which cancels the model-server call
-    deadline = time.monotonic() + 20
-    stats = model_server_stats("retort")
-    while time.monotonic() < deadline and not (stats["num_aborted"] > before and stats["num_running"] == 0):
-        time.sleep(0.2)
-        stats = model_server_stats("retort")
+    stats = _wait_aborted(app.name, before)
+    assert stats["num_aborted"] > before and stats["num_running"] == 0, stats
+
+
+def test_client_disconnect_aborts_a_non_streamed_generation(app):
+    """The non-streamed path is one unary call (split) or an in-process call (collocated): a client
+    that goes away still cancels it and frees the engine request."""
+    before = model_server_stats(app.name)["num_aborted"]
+    with pytest.raises(httpx.ReadTimeout):  # the client gives up and closes the connection
+        httpx.post(app.url + C, headers=AUTH, json={**OK, **LONG, "prompt": "another long one"},
+                   timeout=httpx.Timeout(60, read=0.05))
+    stats = _wait_aborted(app.name, before)
     assert stats["num_aborted"] > before and stats["num_running"] == 0, stats
 
 

@@ -1,5 +1,5 @@
 """Autoscaling from our YAML: sustained load takes the model server from 1 to 2 replicas, and it
-returns to 1 once the load stops (short delays in the test config)."""
+returns to 1 once the load stops (short delays in the test config), in both app topologies."""
 
 from __future__ import annotations
 
@@ -22,7 +22,9 @@ def wait_for(pred, timeout: float, what: str) -> float:
     raise AssertionError(f"{what} within {timeout} s")
 
 
-def test_replicas_scale_up_under_load_and_back_down(ray_cluster, tmp_path):
+@pytest.mark.parametrize("topology", ["split", "collocated"])
+def test_replicas_scale_up_under_load_and_back_down(ray_cluster, tmp_path, topology):
+    """Collocated, the model-server deployment (the one that scales) is the HTTP ingress itself."""
     registry = tmp_path / "registry"
     publish_tiny(registry, tmp_path)
     inst = ServeInstance(ray_cluster)
@@ -32,7 +34,7 @@ def test_replicas_scale_up_under_load_and_back_down(ray_cluster, tmp_path):
         url = inst.deploy(serve_args(registry, **{
             "autoscaling.min_replicas": 1, "autoscaling.max_replicas": 2, "autoscaling.target_ongoing_requests": 1,
             "autoscaling.upscale_delay_s": 1, "autoscaling.downscale_delay_s": 4, "autoscaling.look_back_period_s": 1,
-            "autoscaling.metrics_interval_s": 0.5, "replica.num_cpus": 0.5}))
+            "autoscaling.metrics_interval_s": 0.5, "replica.num_cpus": 0.5, "topology": topology}))
         assert running_replicas("retort") == 1
 
         def client() -> None:  # slow requests keep ~4 in flight
