@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import tempfile
 import time
@@ -34,7 +33,8 @@ from train.compress.table import render
 
 
 def _time(fn, device: torch.device, min_s: float = 0.3, max_reps: int = 200) -> float:
-    """Median µs per call after warm-up, at least 5 reps or ``min_s`` seconds."""
+    """Fastest µs per call after warm-up, at least 5 reps or ``min_s`` seconds: the least disturbed run, as
+    kernel selection measures (on a CPU shared with other jobs a median mostly measures their load)."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     for _ in range(3):
         fn()
@@ -46,7 +46,7 @@ def _time(fn, device: torch.device, min_s: float = 0.3, max_reps: int = 200) -> 
         fn()
         sync()
         times.append(time.perf_counter() - t)
-    return statistics.median(times) * 1e6
+    return min(times) * 1e6
 
 
 def kernel_table(in_f: int = 2048, out_f: int = 8192, batches: tuple[int, ...] = (1, 16),
