@@ -18,8 +18,6 @@ The HTTP paths are measured in interleaved rounds so that load from other proces
 machine falls on all of them alike; the load average is printed. Overhead = HTTP p50 - direct p50.
 """
 
-from __future__ import annotations
-
 import argparse
 import os
 import tempfile
@@ -79,8 +77,8 @@ def bench_direct(model_dir: Path, engine_cfg: Any, n: int, max_tokens: int) -> l
 def _paths(base: dict[str, str], max_tokens: int) -> dict[str, tuple[str, str, dict | None]]:
     """name -> (method, url, json body) of every HTTP path measured."""
     body = {"model": "bench", "prompt": PROMPT, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True}
-    paths: dict[str, tuple[str, str, dict | None]] = {FLOOR_GET: ("GET", base["const"], None),
-                                                      FLOOR_POST: ("POST", base["const"], body)}
+    paths: dict[str, tuple[str, str, dict | None]] = {FLOOR_GET: ("GET", base["const"] + "/", None),
+                                                      FLOOR_POST: ("POST", base["const"] + "/", body)}
     for topo in ("split", "collocated"):
         paths[f"{topo}: GET /health"] = ("GET", base[topo] + "/health", None)
         paths[f"{topo}: completions"] = ("POST", base[topo] + "/v1/completions", body)
@@ -160,13 +158,27 @@ def measure_http_overhead(n: int = 300, preset: str = "tiny", max_tokens: int = 
 
 
 def _constant_app() -> Any:
+    """Serve's floor: a FastAPI ingress (like ours; a plain ``__call__`` deployment measured slower
+    here) whose routes answer a constant; the POST route reads the body first, as ours do."""
+    from fastapi import (  # no `from __future__ import annotations` here: FastAPI reads the hints
+        FastAPI,
+        Request,
+    )
     from ray import serve
 
+    api = FastAPI()
+
     @serve.deployment(name="Constant", ray_actor_options={"num_cpus": 0.1})
+    @serve.ingress(api)
     class Constant:
-        async def __call__(self, request: Any) -> str:
-            await request.body()  # a POST's body comes from the proxy in one more call, as for the app
-            return "ok"
+        @api.get("/")
+        async def get(self) -> dict[str, str]:
+            return {"status": "ok"}
+
+        @api.post("/")
+        async def post(self, request: Request) -> dict[str, str]:
+            await request.body()  # a POST's body comes from the proxy in one more actor call
+            return {"status": "ok"}
 
     return Constant.bind()
 
