@@ -62,7 +62,8 @@ class Load:
             t.join(timeout=60)
 
 
-def test_promote_and_redeploy_rolls_over_without_failures(ray_cluster, tmp_path):
+@pytest.mark.parametrize("topology", ["split", "collocated"])
+def test_promote_and_redeploy_rolls_over_without_failures(ray_cluster, tmp_path, topology):
     import ray
     from ray import serve
 
@@ -74,7 +75,8 @@ def test_promote_and_redeploy_rolls_over_without_failures(ray_cluster, tmp_path)
     port = free_port()
     env = {**ray_cluster.subprocess_env(), "RAY_API_SERVER_ADDRESS": ray_cluster.dashboard_url}
     overrides = [f"registry.root={registry}", f"registry.cache_dir={registry / '.cache'}", f"http.port={port}",
-                 "autoscaling.max_replicas=1", "replica.num_cpus=0.5", "replica.graceful_shutdown_timeout_s=30"]
+                 "autoscaling.max_replicas=1", "replica.num_cpus=0.5", "replica.graceful_shutdown_timeout_s=30",
+                 f"topology={topology}"]
     deploy = ["serve", "deploy", "-c", "configs/serve/tiny.yaml", *overrides]
     try:
         r = retort(env, *deploy)
@@ -114,3 +116,6 @@ def test_deploy_bad_input_is_one_line(ray_cluster, tmp_path):
     assert r.returncode == 2 and "unknown field" in r.stderr and "Traceback" not in r.stderr
     r = retort(env, "serve", "deploy", "-c", "configs/serve/tiny.yaml", f"registry.root={tmp_path}")
     assert r.returncode == 2 and "no model 'student'" in r.stderr and "Traceback" not in r.stderr
+    r = retort(env, "serve", "deploy", "-c", "configs/serve/tiny.yaml", f"registry.root={tmp_path}",
+               "topology=collocated", "router.policy=cache_aware")
+    assert r.returncode == 2 and "cache_aware needs topology split" in r.stderr and "Traceback" not in r.stderr
