@@ -78,6 +78,19 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return DTYPES[name]
 
 
+def warm_quantized_kernels(model: Transformer, device: torch.device) -> None:
+    """Choose every quantized linear's kernel now, for both batch buckets (and build Retort's own CPU
+    kernels if this machine has not yet), so that a replica is ready only once the first requests will
+    not pay for it: a first-use compile took longer than a whole short load test."""
+    from cluster.quant import QuantLinear
+
+    if not any(isinstance(m, QuantLinear) for m in model.modules()):
+        return
+    with torch.no_grad():
+        for n in sorted({1, min(16, model.cfg.max_seq_len)}):
+            model(torch.zeros(1, n, dtype=torch.long, device=device))
+
+
 def weights_fingerprint(model: torch.nn.Module) -> str:
     """Cheap, deterministic fingerprint: names, shapes, dtypes and the first values of each tensor."""
     h = hashlib.sha256()
@@ -103,6 +116,7 @@ class LLMEngine:
         self.eos_token_id = eos_token_id
         fingerprint = weights_fingerprint(model) if model_id is None else ""
         self.model = model.to(device=self.device, dtype=self.dtype).eval()
+        warm_quantized_kernels(self.model, self.device)
         self.model_id = model_id or model_identity(mc.model_dump_json(), str(self.dtype), cfg.block_size, fingerprint)
         num_blocks = self._num_blocks()
         self.kv = KVCacheManager(

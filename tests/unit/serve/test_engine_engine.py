@@ -160,6 +160,12 @@ def test_quantized_checkpoint(tmp_path, scheme):
     model = quantize_model(tiny_model(), scheme, group_size=32)
     model.save_pretrained(tmp_path, extra_config={"quantization_config": model.quantization_config})
     loaded = LLMEngine.from_pretrained(tmp_path, EngineConfig(device="cpu", num_blocks=32))
+    from cluster.quant import QuantLinear
+
+    # kernels are chosen (and built) while the engine loads, for decode- and prefill-sized batches
+    chosen = [len(m._choice) for m in loaded.model.modules()
+              if isinstance(m, QuantLinear) and not type(m).__name__.endswith("Embedding")]
+    assert chosen and all(n == 2 for n in chosen), chosen
     prompts = random_prompts(3, 4, 30, seed=8)
     got = loaded.generate(prompts, SamplingParams(max_tokens=8, temperature=0.0))
     assert [c.token_ids for c in got] == [reference_greedy(model, p, 8) for p in prompts]
