@@ -205,7 +205,10 @@ def val_score(digest: str, seed: int) -> float:
 
 
 def split_documents(docs: list[Document], val_fraction: float, seed: int) -> dict[str, list[Document]]:
-    """Split by content hash, keeping document order within each split.
+    """Split by content hash. ``val`` keeps corpus order; ``train`` is in the order of the same seeded
+    hash, so that any prefix of the train shard is a uniform sample of documents (a distillation that
+    reads only the first N windows — a top-k cache of what it draws — sees the whole corpus's mix, not
+    the first modules of an alphabetical listing).
 
     If the hash leaves a split empty (a tiny corpus), the document closest to the threshold
     moves over, so both splits exist whenever there are at least two documents.
@@ -221,7 +224,8 @@ def split_documents(docs: list[Document], val_fraction: float, seed: int) -> dic
         in_val[min(range(len(docs)), key=scores.__getitem__)] = True
     if all(in_val):
         in_val[max(range(len(docs)), key=scores.__getitem__)] = False
+    train = sorted((s, i) for i, (s, v) in enumerate(zip(scores, in_val, strict=True)) if not v)
     return {
-        "train": [d for d, v in zip(docs, in_val, strict=True) if not v],
+        "train": [docs[i] for _, i in train],
         "val": [d for d, v in zip(docs, in_val, strict=True) if v],
     }

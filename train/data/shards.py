@@ -107,7 +107,7 @@ def fingerprint(cfg: DataConfig, records: list[FileRecord], tok_key: str) -> str
             "caps": [cfg.max_docs, cfg.max_bytes, cfg.jsonl_text_field],
             "split": {"val_fraction": cfg.val_fraction, "seed": cfg.seed, "by": "sha256(seed:doc_sha256)"},
             "tokenizer": tok_key,
-            "layout": "doc eos doc eos ...",
+            "layout": "doc eos doc eos ... (train documents in seeded-hash order)",
         }
     )
 

@@ -108,6 +108,11 @@ def test_split_is_by_content_hash() -> None:
     rest = docs[::-2]
     assert {d.name for d in split_documents(rest, 0.25, seed=3)["val"]} == val & {d.name for d in rest}
     assert {d.name for d in split_documents(docs, 0.25, seed=4)["val"]} != val
+    # train is in seeded-hash order (not corpus order): any prefix is a uniform sample of documents
+    train = split["train"]
+    assert sorted(d.name for d in train) == sorted(d.name for d in docs if d.name not in val)
+    assert [val_score(d.digest, 3) for d in train] == sorted(val_score(d.digest, 3) for d in train)
+    assert [d.name for d in train] != [d.name for d in docs if d.name not in val]
     # Tiny corpora still get both splits; a single document cannot be split.
     two = split_documents(docs[:2], 0.01, seed=0)
     assert len(two["train"]) == len(two["val"]) == 1
