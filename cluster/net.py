@@ -16,8 +16,11 @@ LOOPBACK = "127.0.0.1"
 
 
 def port_is_free(port: int, host: str = LOOPBACK) -> bool:
-    """True if ``host:port`` can be bound right now (TCP)."""
+    """True if ``host:port`` can be bound right now (TCP) by a server that sets ``SO_REUSEADDR``, as
+    Ray's gRPC servers, Prometheus and Redis do: a listener holds the port, connections of a server
+    that just stopped (TIME_WAIT, ~60 s after ``retort down``) do not."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))
         except OSError:
@@ -25,6 +28,7 @@ def port_is_free(port: int, host: str = LOOPBACK) -> bool:
     # also require the wildcard address to be free: Ray binds several servers to 0.0.0.0
     if host != "0.0.0.0":
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
                 s.bind(("0.0.0.0", port))
             except OSError:
