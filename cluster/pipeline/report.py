@@ -125,15 +125,20 @@ def _cpu_count() -> int:
 def section_models(doc: Doc, pipe, models: dict[str, dict[str, Any] | None]) -> None:
     doc.h("Models in the registry")
     teacher_ppl = _metric(models.get("teacher"), *PPL_KEYS)
+    student_windows = _metric(models.get("student"), "teacher_val_ppl")
     rows = []
     for role, m in models.items():
         if not m:
             continue
         ppl = _metric(m, *PPL_KEYS)
+        # the teacher on the students' eval windows (both distillation jobs evaluate the same held-out tokens)
+        same = teacher_ppl if role == "teacher" else (_metric(m, "teacher_val_ppl") or student_windows or teacher_ppl)
         rows.append([role, f"{m['name']}:{m['version']}", m.get("num_parameters"), f"{m['size_bytes'] / 1e6:.2f} MB",
-                     ppl, f"{100 * teacher_ppl / ppl:.1f}%" if teacher_ppl and ppl else None,
+                     ppl, f"{100 * same / ppl:.1f}%" if same and ppl else None,
                      (m.get("quantization") or {}).get("scheme") or "fp32"])
     doc.table(["role", "ref", "params", "on disk", "held-out ppl", "retention", "weights"], rows)
+    doc.p("Retention = teacher ppl / model ppl on the same held-out windows: the distillation jobs evaluate the "
+          "teacher on the students' windows; the teacher's own row is its pretraining job's evaluation.")
 
 
 def section_kd(doc: Doc, models: dict[str, dict[str, Any] | None]) -> None:
@@ -142,10 +147,14 @@ def section_kd(doc: Doc, models: dict[str, dict[str, Any] | None]) -> None:
     if not kd or not nokd:
         doc.p("The no-KD baseline stage did not run in this pipeline (pipeline.baseline.enabled=false).")
         return
-    p_kd, p_no, p_t = _metric(kd, *PPL_KEYS), _metric(nokd, *PPL_KEYS), _metric(teacher, *PPL_KEYS)
-    doc.table(["student", "held-out ppl", "vs teacher", "vs no-KD"], [
-        ["with KD", p_kd, f"{p_kd / p_t:.2f}×" if p_t else None, f"{p_kd / p_no:.2f}×"],
-        ["no KD (same tokens, same steps)", p_no, f"{p_no / p_t:.2f}×" if p_t else None, "1.00×"],
+    p_kd, p_no = _metric(kd, *PPL_KEYS), _metric(nokd, *PPL_KEYS)
+    # the teacher measured by each distillation job on that student's windows (same tokens, same
+    # context); the teacher job's own number is on other windows and only a fallback
+    t_kd = _metric(kd, "teacher_val_ppl") or _metric(nokd, "teacher_val_ppl") or _metric(teacher, *PPL_KEYS)
+    t_no = _metric(nokd, "teacher_val_ppl") or t_kd  # both jobs evaluate the same held-out windows
+    doc.table(["student", "held-out ppl", "teacher ppl (same windows)", "vs teacher", "vs no-KD"], [
+        ["with KD", p_kd, t_kd, f"{p_kd / t_kd:.2f}×" if t_kd else None, f"{p_kd / p_no:.2f}×"],
+        ["no KD (same tokens, same steps)", p_no, t_no, f"{p_no / t_no:.2f}×" if t_no else None, "1.00×"],
     ])
 
 
