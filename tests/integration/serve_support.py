@@ -17,7 +17,7 @@ CORPUS = (
 )
 
 
-def make_checkpoint(out: Path, seed: int = 0) -> Path:
+def make_checkpoint(out: Path, seed: int = 0, max_seq_len: int | None = None) -> Path:
     """A tiny random Llama (vocab 512) with a byte-level BPE tokenizer trained on a few KB."""
     from cluster.config.model import preset
     from cluster.model import Transformer
@@ -25,7 +25,7 @@ def make_checkpoint(out: Path, seed: int = 0) -> Path:
 
     out.mkdir(parents=True, exist_ok=True)
     tok = train_tokenizer([CORPUS] * 20, vocab_size=400, out_dir=out)
-    cfg = preset("tiny")
+    cfg = preset("tiny") if max_seq_len is None else preset("tiny", max_seq_len=max_seq_len)
     assert tok.vocab_size <= cfg.vocab_size
     model = Transformer(cfg).init_weights(seed)
     model.save_pretrained(out, extra_config={"eos_token_id": tok.eos_id})
@@ -33,11 +33,11 @@ def make_checkpoint(out: Path, seed: int = 0) -> Path:
 
 
 def publish_tiny(registry_root: Path, work: Path, name: str = "student", alias: str = "production",
-                 seed: int = 0) -> str:
+                 seed: int = 0, max_seq_len: int | None = None) -> str:
     from cluster.registry import open_registry
 
     reg = open_registry(root=str(registry_root), cache_dir=str(registry_root / ".cache"))
-    ref = reg.publish(name, make_checkpoint(work / f"{name}-{seed}", seed), lineage={}, metrics={})
+    ref = reg.publish(name, make_checkpoint(work / f"{name}-{seed}", seed, max_seq_len), lineage={}, metrics={})
     reg.promote(ref.name, ref.version, alias)
     return str(ref)
 

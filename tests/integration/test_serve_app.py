@@ -20,9 +20,12 @@ pytestmark = pytest.mark.integration
 
 KEY = "sk-test-6f1d"
 AUTH = {"Authorization": f"Bearer {KEY}"}
-# tiny-model steps take ~0.5-2 ms: 240 tokens (the 256-token context minus the prompt) outlast the
-# strict apps' 0.1 s timeout
+# tiny-model steps take ~0.5-2 ms: 240 tokens outlast the strict apps' 0.1 s timeout
 LONG = {"max_tokens": 240, "ignore_eos": True, "temperature": 0}
+# the apps' model has a 2,048-token context: a disconnected request of 2,000 tokens runs for seconds,
+# so its abort is observed even when the machine is busy (240 tokens could finish before it)
+CONTEXT = 2048
+DISCONNECT = {"max_tokens": 2000, "ignore_eos": True, "temperature": 0}
 TOPOLOGIES = ("split", "collocated")
 
 
@@ -40,7 +43,7 @@ class App:
 def apps(ray_cluster, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("serve_app")
     registry = tmp / "registry"
-    publish_tiny(registry, tmp)
+    publish_tiny(registry, tmp, max_seq_len=CONTEXT)
     inst = ServeInstance(ray_cluster)
     try:
         out = {}
@@ -237,7 +240,7 @@ BAD = [
     ("negative token id", C, {**OK, "prompt": [1, -3]}, 400),
     ("out-of-vocab token id", C, {**OK, "prompt": [1, 512]}, 400),
     ("huge token id", C, {**OK, "prompt": [10**30]}, 400),
-    ("prompt over context", C, {**OK, "prompt": [7] * 300}, 400),
+    ("prompt over context", C, {**OK, "prompt": [7] * (CONTEXT + 50)}, 400),
     ("batch of prompts", C, {**OK, "prompt": ["a", "b"]}, 400),
     ("stop token out of vocab", C, {**OK, "stop_token_ids": [99999]}, 400),
     ("unknown model", C, {**OK, "model": "gpt-4"}, 404),
@@ -321,7 +324,7 @@ def _wait_aborted(name: str, before: int) -> dict:
 def test_client_disconnect_aborts_generation(app):
     before = model_server_stats(app.name)["num_aborted"]
     with httpx.stream("POST", app.url + C, headers=AUTH, timeout=60,
-                      json={**OK, **LONG, "prompt": "a long one", "stream": True}) as r:
+                      json={**OK, **DISCONNECT, "prompt": "a long one", "stream": True}) as r:
         assert r.status_code == 200
         lines = r.iter_lines()
         next(lines)
@@ -336,7 +339,7 @@ def test_client_disconnect_aborts_a_non_streamed_generation(app):
     that goes away still cancels it and frees the engine request."""
     before = model_server_stats(app.name)["num_aborted"]
     with pytest.raises(httpx.ReadTimeout):  # the client gives up and closes the connection
-        httpx.post(app.url + C, headers=AUTH, json={**OK, **LONG, "prompt": "another long one"},
+        httpx.post(app.url + C, headers=AUTH, json={**OK, **DISCONNECT, "prompt": "another long one"},
                    timeout=httpx.Timeout(60, read=0.05))
     stats = _wait_aborted(app.name, before)
     assert stats["num_aborted"] > before and stats["num_running"] == 0, stats
