@@ -51,6 +51,7 @@ STORE_BYTES_OUT = Metric("retort_kv_store_bytes_out_total", "counter", "Bytes re
 STORE_FETCH_LATENCY = Metric("retort_kv_store_fetch_seconds", "histogram", "Batched fetch latency.", ("backend",), LATENCY_BUCKETS)
 STORE_EVICTIONS = Metric("retort_kv_store_evictions_total", "counter", "Blocks evicted by the store's LRU.", ("backend",))
 STORE_ERRORS = Metric("retort_kv_store_errors_total", "counter", "Store operations that failed (request recomputed).", ("backend", "op"))
+KV_FETCH_DECISIONS = Metric("retort_kv_fetch_decisions_total", "counter", "Fetch-or-recompute decisions of the KV connector's policy (fetch, skip_cost, probe).", ("backend", "decision"))
 ROUTER_DECISIONS = Metric("retort_router_decisions_total", "counter", "Routing decisions by reason.", ("reason",))
 
 # --- training ---------------------------------------------------------------------------------

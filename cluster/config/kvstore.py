@@ -29,6 +29,45 @@ class StoreHealthConfig(StrictModel):
         return self
 
 
+class FetchCostConfig(StrictModel):
+    """The online cost model behind ``fetch_policy: cost`` (``serve.kv.connector.FetchCostModel``).
+
+    Recompute: ``seconds = a + b * tokens``, fitted to the engine's prefill steps; fetching n blocks
+    saves the marginal ``b * n * block_size`` (the fixed part of a step is paid anyway: at least one
+    token is always computed). Fetch: ``seconds = latency + bytes / bytes_per_s``, fitted to the
+    batched fetches (store get + verify + import). Both fits weight recent observations
+    exponentially; the priors below are used until there is data, and reproduce the plain
+    ``min_fetch_blocks`` behaviour on a CPU engine (the ``small`` model recomputes ~100-200 us per
+    token there, a fetch from memory costs ~0.3 ms + 1 ms/MB). ``python -m serve.kv.bench`` prints
+    the fitted estimates and the break-even they imply."""
+
+    safety_factor: float = Field(
+        1.2,
+        ge=1.0,
+        description="Fetch only if predicted fetch time x this < predicted recompute time saved.",
+    )
+    window: int = Field(
+        32,
+        ge=2,
+        description="Observations the estimates average over (exponential weights, decay 1 - 1/window).",
+    )
+    probe_every: int = Field(
+        16,
+        ge=1,
+        description="After this many candidates skipped as too costly, fetch the next one anyway (a probe), "
+        "so that a store that got faster is noticed.",
+    )
+    prior_recompute_s_per_token: float = Field(
+        1e-4, gt=0, description="Marginal prefill seconds per token until the engine reported a step."
+    )
+    prior_fetch_latency_s: float = Field(
+        1e-3, ge=0, description="Fixed seconds of a batched fetch until one was measured."
+    )
+    prior_fetch_bytes_per_s: float = Field(
+        1e9, gt=0, description="Fetch throughput (get + verify + import) until one was measured."
+    )
+
+
 class KVStoreConfig(StrictModel):
     enabled: bool = Field(
         False,
@@ -60,8 +99,17 @@ class KVStoreConfig(StrictModel):
     min_fetch_blocks: int = Field(
         2,
         ge=1,
-        description="Fetch from the store only when at least this many blocks beyond the local prefix "
-        "can come from it (below, recomputing is as cheap; see `python -m serve.kv.bench`).",
+        description="Never fetch fewer than this many blocks beyond the local prefix (a floor under "
+        "fetch_policy; see `python -m serve.kv.bench`).",
+    )
+    fetch_policy: Literal["cost", "always"] = Field(
+        "cost",
+        description="cost: fetch only when the online cost model predicts the fetch is cheaper than "
+        "recomputing those blocks (a shared store can be slower than a GPU's prefill); always: fetch "
+        "every candidate of at least min_fetch_blocks blocks.",
+    )
+    fetch_cost: FetchCostConfig = Field(
+        default_factory=FetchCostConfig, description="Knobs and priors of the fetch cost model."
     )
     fetch_timeout_s: float = Field(
         0.5,

@@ -8,21 +8,35 @@ The engine calls three hooks (all optional: an engine without a connector is unc
   batches. Publishing never waits: a full queue or a store that is down drops blocks.
 - ``prefetch(seq)`` when a request is added (any thread): a worker thread hashes the prompt,
   skips the blocks the local pool already has, and, if at least ``min_fetch_blocks`` blocks
-  remain, asks the store for them in ONE batched ``get`` and verifies the leading run of hits
-  (key echo, layout, dtype, length, checksum). The fetch overlaps with the request's queueing.
+  remain and the fetch policy says so, asks the store for them in ONE batched ``get`` and
+  verifies the leading run of hits (key echo, layout, dtype, length, checksum). The fetch
+  overlaps with the request's queueing.
 - ``load(seq)`` at admission (the step thread, before the local prefix match): waits for that
   fetch until ``fetch_timeout_s`` after arrival at the latest, then imports the verified blocks
   into the pool as cached blocks, so the prefix match that follows finds them.
+- ``observe_prefill(num_tokens, seconds)`` after every engine step that computed prefill tokens
+  (the step thread): feeds the recompute side of the cost model.
+
+Fetch policy (``fetch_policy``): ``always`` fetches every candidate of ``min_fetch_blocks`` or more
+blocks. ``cost`` (the default) fetches only when ``FetchCostModel`` predicts that fetching is
+cheaper than recomputing: a GPU prefills a 1k-token prefix in a few ms, less than moving its
+~40 MB of KV through a store (LMCache#914: a shared cache slower than recompute), while on a CPU
+the store wins by 20x and more. The model learns both sides online: the engine's prefill steps
+(``a + b * tokens``; fetching saves ``b * tokens``) and this connector's own fetches (get + verify
++ import: ``latency + bytes / throughput``). Skipped candidates are counted; every
+``fetch_cost.probe_every`` skips one is fetched anyway (a probe), which restarts the fetch estimate
+from its fresh measurement, so a store that got faster is noticed.
 
 Any store error, timeout, miss or bad record leaves the request to recompute its prefix: the
-result is the same tokens, only slower. ``min_fetch_blocks`` is the break-even below which
-fetching is no cheaper than recomputing (``python -m serve.kv.bench`` measures it).
+result is the same tokens, only slower (a timeout also teaches the cost model that the store is
+slow).
 """
 
 from __future__ import annotations
 
 import concurrent.futures as cf
 import logging
+import math
 import queue
 import threading
 import time
@@ -32,7 +46,8 @@ from typing import Any
 
 import torch
 
-from cluster.config.kvstore import KVStoreConfig
+from cluster import metrics as M
+from cluster.config.kvstore import FetchCostConfig, KVStoreConfig
 from serve.engine.hashing import block_hashes
 from serve.kv.store import (
     BadBlock,
@@ -57,9 +72,138 @@ class ConnectorStats:
     bad_blocks: int = 0  # records refused by verification
     fetch_timeouts: int = 0  # fetches abandoned at fetch_timeout_s
     fetch_skipped: int = 0  # requests with fewer than min_fetch_blocks candidate blocks
+    decided_fetch: int = 0  # candidates fetched because the policy said so (cost model, or always)
+    decided_skip_cost: int = 0  # candidates recomputed because fetching was predicted to be slower
+    decided_probe: int = 0  # candidates fetched anyway after probe_every cost skips
 
-    def as_dict(self) -> dict[str, int]:
-        return asdict(self)
+    def as_dict(self) -> dict[str, Any]:
+        """The counters, and the cost model's current estimates under ``cost_model``."""
+        out: dict[str, Any] = asdict(self)
+        estimates = getattr(self, "estimates", None)  # set by the connector (not a dataclass field)
+        if estimates is not None:
+            out["cost_model"] = estimates()
+        return out
+
+
+class EWLinearFit:
+    """``y = a + b * x`` by exponentially weighted least squares over recent observations.
+
+    Each observation multiplies the weight of the earlier ones by ``1 - 1/window``. Until the first
+    observation the prior line is returned. While the recent x values are too alike to determine a
+    slope (weighted std < 25% of their mean), the last well-determined slope (initially the prior's)
+    is kept and only the level is fitted. Neither a nor b is ever negative: a negative slope becomes
+    0, a negative intercept a line through the origin. Not thread-safe (``FetchCostModel`` locks)."""
+
+    MIN_REL_SPREAD = 0.25
+
+    def __init__(self, prior_a: float, prior_b: float, window: int) -> None:
+        self.prior_a, self.prior_b = prior_a, prior_b
+        self.decay = 1.0 - 1.0 / window
+        self.slope = prior_b  # the last well-determined slope
+        self.a, self.b = prior_a, prior_b
+        self.n = 0  # observations since the last reset
+        self._w = self._x = self._y = self._xx = self._xy = 0.0
+
+    def reset(self) -> None:
+        """Forget the observations (keeps the last well-determined slope as the fallback)."""
+        self.n = 0
+        self._w = self._x = self._y = self._xx = self._xy = 0.0
+
+    def observe(self, x: float, y: float) -> None:
+        d = self.decay
+        self._w = d * self._w + 1.0
+        self._x = d * self._x + x
+        self._y = d * self._y + y
+        self._xx = d * self._xx + x * x
+        self._xy = d * self._xy + x * y
+        self.n += 1
+        mx, my = self._x / self._w, self._y / self._w
+        var = max(self._xx / self._w - mx * mx, 0.0)
+        if self.n >= 2 and var > (self.MIN_REL_SPREAD * mx) ** 2:
+            self.slope = max((self._xy / self._w - mx * my) / var, 0.0)
+        b = self.slope
+        a = my - b * mx
+        if a < 0:  # the old slope overshoots the level: the steepest line consistent with a >= 0
+            a, b = 0.0, (self._xy / self._xx if self._xx > 0 else b)
+        self.a, self.b = a, b
+
+    def __call__(self, x: float) -> float:
+        return self.a + self.b * x
+
+
+@dataclass(frozen=True)
+class FetchDecision:
+    fetch: bool
+    reason: str  # fetch | skip_cost | probe
+    fetch_s: float  # predicted time to fetch, verify and import the blocks
+    saved_s: float  # predicted prefill time they save
+
+
+class FetchCostModel:
+    """Predicts whether fetching n blocks beats recomputing them (see the module doc). Thread-safe:
+    the step thread observes, fetch workers decide, anyone reads ``estimates()``."""
+
+    def __init__(self, cfg: FetchCostConfig, policy: str = "cost") -> None:
+        self.cfg, self.policy = cfg, policy
+        self.recompute = EWLinearFit(0.0, cfg.prior_recompute_s_per_token, cfg.window)  # tokens -> s
+        self.fetch = EWLinearFit(cfg.prior_fetch_latency_s, 1.0 / cfg.prior_fetch_bytes_per_s, cfg.window)  # B -> s
+        self.skips = 0  # cost skips since the last fetch or probe
+        self._lock = threading.Lock()
+
+    def observe_prefill(self, num_tokens: int, seconds: float) -> None:
+        with self._lock:
+            self.recompute.observe(num_tokens, seconds)
+
+    def observe_fetch(self, nbytes: int, seconds: float, probe: bool = False) -> None:
+        """A fetch of ``nbytes`` took ``seconds``. A probe's measurement replaces the history: that
+        is stale by construction (nothing was fetched for ``probe_every`` candidates)."""
+        with self._lock:
+            if probe:
+                self.fetch.reset()
+            self.fetch.observe(nbytes, seconds)
+
+    def decide(self, tokens: int, nbytes: int) -> FetchDecision:
+        """Fetch ``tokens`` tokens' blocks (``nbytes`` of records) or recompute them?"""
+        with self._lock:
+            fetch_s, saved_s = self.fetch(nbytes), self.recompute.b * tokens
+            if self.policy == "always" or fetch_s * self.cfg.safety_factor < saved_s:
+                self.skips = 0
+                return FetchDecision(True, "fetch", fetch_s, saved_s)
+            if self.skips >= self.cfg.probe_every:
+                self.skips = 0
+                return FetchDecision(True, "probe", fetch_s, saved_s)
+            self.skips += 1
+            return FetchDecision(False, "skip_cost", fetch_s, saved_s)
+
+    def break_even_blocks(self, block_size: int, record_bytes: int) -> int | None:
+        """The fewest blocks the policy fetches at the current estimates (None: never, bar probes)."""
+        with self._lock:
+            gain = self.recompute.b * block_size - self.cfg.safety_factor * self.fetch.b * record_bytes
+            if self.policy == "always":
+                return 1
+            if gain <= 0:
+                return None
+            return math.floor(self.cfg.safety_factor * self.fetch.a / gain) + 1
+
+    def estimates(self) -> dict[str, Any]:
+        with self._lock:
+            return {
+                "policy": self.policy,
+                "recompute_fixed_s": self.recompute.a,
+                "recompute_s_per_token": self.recompute.b,
+                "recompute_samples": self.recompute.n,
+                "fetch_latency_s": self.fetch.a,
+                "fetch_bytes_per_s": 1.0 / self.fetch.b if self.fetch.b > 0 else None,
+                "fetch_samples": self.fetch.n,
+                "skips_since_probe": self.skips,
+            }
+
+
+class _Attempt:
+    """What a fetch worker decided, for ``load`` to learn from when the fetch times out."""
+
+    nbytes = 0  # expected record bytes of a fetch in flight (0: none started)
+    probe = False
 
 
 @dataclass
@@ -67,6 +211,22 @@ class _Fetch:
     seq: Any
     deadline: float
     future: cf.Future
+    started: float  # when the fetch was submitted (monotonic)
+    attempt: _Attempt
+
+
+@dataclass
+class _Fetched:
+    """A fetch worker's verified result."""
+
+    hashes: list[bytes]
+    k: torch.Tensor
+    v: torch.Tensor
+    nbytes: int  # record bytes received
+    seconds: float  # get + verify
+    probe: bool
+
+
 
 
 class KVConnector:
@@ -74,6 +234,10 @@ class KVConnector:
         self.store = store
         self.cfg = cfg or KVStoreConfig(enabled=True)
         self.stats = ConnectorStats()
+        self.cost = FetchCostModel(self.cfg.fetch_cost, self.cfg.fetch_policy)
+        self.stats.estimates = self.estimates  # type: ignore[attr-defined] - shown by stats.as_dict()
+        self._stats_lock = threading.Lock()  # fetch workers and the step thread count
+        self._decision_metrics: dict[str, Any] | None = {} if getattr(store, "metrics", None) is not None else None
         self.kv: Any = None
         self._layout: BlockLayout | None = None
         self.namespace = b""
@@ -182,6 +346,44 @@ class KVConnector:
             time.sleep(0.002)
         return True
 
+    # -- cost model ----------------------------------------------------------------------------
+    def observe_prefill(self, num_tokens: int, seconds: float) -> None:
+        """The engine, after every step that computed prefill tokens: ``num_tokens`` tokens computed in
+        that step (all of them, decode included) took ``seconds`` (model forward + sampling,
+        synchronized)."""
+        if isinstance(num_tokens, bool) or not isinstance(num_tokens, int) or num_tokens < 1:
+            raise ValueError(f"observe_prefill: num_tokens must be a positive int, got {num_tokens!r}")
+        if not math.isfinite(seconds) or seconds < 0:
+            raise ValueError(f"observe_prefill: seconds must be finite and >= 0, got {seconds!r}")
+        self.cost.observe_prefill(num_tokens, seconds)
+
+    def decide(self, num_blocks: int) -> FetchDecision:
+        """The policy's decision for ``num_blocks`` candidate blocks now (counts a skip toward a probe)."""
+        return self.cost.decide(num_blocks * self.layout.block_size, num_blocks * self.layout.record_bytes)
+
+    def estimates(self) -> dict[str, Any]:
+        """The cost model's current estimates and the break-even they imply for this engine's blocks."""
+        out = self.cost.estimates()
+        if self._layout is not None:
+            out["break_even_blocks"] = self.cost.break_even_blocks(self.layout.block_size, self.layout.record_bytes)
+            out["min_fetch_blocks"] = self.cfg.min_fetch_blocks
+        return out
+
+    def _count(self, **deltas: int) -> None:
+        with self._stats_lock:
+            for name, n in deltas.items():
+                setattr(self.stats, name, getattr(self.stats, name) + n)
+
+    def _count_decision(self, reason: str) -> None:
+        self._count(**{f"decided_{reason}": 1})
+        if self._decision_metrics is not None:
+            m = self._decision_metrics.get(reason)
+            if m is None:
+                m = self._decision_metrics[reason] = M.make(
+                    M.KV_FETCH_DECISIONS, {"backend": self.store.name, "decision": reason}
+                )
+            m.inc(1)
+
     # -- fetch ---------------------------------------------------------------------------------
     def prefetch(self, seq: Any) -> None:
         """Any thread, when a request arrives: start fetching its prompt's blocks from the store."""
@@ -189,13 +391,15 @@ class KVConnector:
             return
         max_blocks = (seq.num_prompt_tokens - 1) // self.layout.block_size  # >= 1 token is always computed
         if max_blocks < self.cfg.min_fetch_blocks:
-            self.stats.fetch_skipped += 1
+            self._count(fetch_skipped=1)
             return
         tokens = list(seq.prompt_token_ids[: max_blocks * self.layout.block_size])
-        fut = self._pool.submit(self._fetch, tokens, seq.salt)
+        attempt = _Attempt()
+        fut = self._pool.submit(self._fetch, tokens, seq.salt, attempt)
         with self._fetch_lock:
             self._sweep()
-            self._fetches[seq.request_id] = _Fetch(seq, time.monotonic() + self.cfg.fetch_timeout_s, fut)
+            now = time.monotonic()
+            self._fetches[seq.request_id] = _Fetch(seq, now + self.cfg.fetch_timeout_s, fut, now, attempt)
 
     def _sweep(self) -> None:
         """Forget fetches of requests that never reached admission (aborted while waiting)."""
@@ -203,18 +407,23 @@ class KVConnector:
         for rid in [r for r, f in self._fetches.items() if f.deadline < stale]:
             self._fetches.pop(rid).future.cancel()
 
-    def _fetch(
-        self, tokens: list[int], salt: str | None
-    ) -> tuple[list[bytes], torch.Tensor, torch.Tensor] | None:
-        """Worker thread: one batched get for the blocks beyond the local prefix; verified or None."""
+    def _fetch(self, tokens: list[int], salt: str | None, attempt: _Attempt) -> _Fetched | None:
+        """Worker thread: decide, then one batched get for the blocks beyond the local prefix;
+        verified or None."""
         hashes = block_hashes(tokens, self.layout.block_size, self.kv.model_id, salt)
         local = self.kv.cached_prefix_length(hashes)  # a racy read is fine: it only trims the request
         want = hashes[local:]
         if len(want) < self.cfg.min_fetch_blocks:
-            self.stats.fetch_skipped += 1
+            self._count(fetch_skipped=1)
             return None
+        decision = self.decide(len(want))
+        self._count_decision(decision.reason)
+        if not decision.fetch:
+            return None
+        attempt.nbytes, attempt.probe = len(want) * self.layout.record_bytes, decision.reason == "probe"
         keys = make_keys(self.namespace, want)
-        self.stats.fetch_requests += 1
+        self._count(fetch_requests=1)
+        t0 = time.perf_counter()
         records = self.store.get(keys)
         n = 0
         while n < len(records) and records[n] is not None:
@@ -224,11 +433,11 @@ class KVConnector:
         try:
             k, v = decode_blocks(self.layout, keys[:n], records[:n], device=self.kv.kv[0].device)
         except BadBlock as e:
-            self.stats.bad_blocks += 1
+            self._count(bad_blocks=1)
             log.warning("kv store returned a bad block; recomputing the prefix: %s", e)
             return None
-        self.stats.fetched_blocks += n
-        return want[:n], k, v
+        self._count(fetched_blocks=n)
+        return _Fetched(want[:n], k, v, n * self.layout.record_bytes, time.perf_counter() - t0, attempt.probe)
 
     def load(self, seq: Any) -> int:
         """Step thread, at admission: import the request's fetched blocks (waiting at most until its
@@ -241,21 +450,24 @@ class KVConnector:
             result = f.future.result(timeout=max(0.0, f.deadline - time.monotonic()))
         except cf.TimeoutError:
             f.future.cancel()
-            self.stats.fetch_timeouts += 1
+            self._count(fetch_timeouts=1)
+            if f.attempt.nbytes:  # it costs at least this much: the cost model learns the store is slow
+                self.cost.observe_fetch(f.attempt.nbytes, time.monotonic() - f.started, f.attempt.probe)
             return 0
         except Exception:  # noqa: BLE001 - a failed fetch is a recompute
             log.exception("kv fetch failed")
             return 0
         if result is None:
             return 0
-        hashes, k, v = result
+        t0 = time.perf_counter()
         try:
-            n = self.kv.import_blocks(hashes, k, v)
+            n = self.kv.import_blocks(result.hashes, result.k, result.v)
         except ValueError as e:  # layout mismatch: verification should have caught it
             log.warning("kv import refused: %s", e)
-            self.stats.bad_blocks += 1
+            self._count(bad_blocks=1)
             return 0
-        self.stats.imported_blocks += n
+        self.cost.observe_fetch(result.nbytes, result.seconds + time.perf_counter() - t0, result.probe)
+        self._count(imported_blocks=n)
         return n
 
 

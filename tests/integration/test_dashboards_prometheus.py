@@ -62,6 +62,7 @@ def emitter_class() -> type:
                 M.make(M.STORE_BYTES_OUT, store),
                 M.make(M.STORE_EVICTIONS, store),
                 M.make(M.STORE_ERRORS, {**store, "op": "get"}),
+                M.make(M.KV_FETCH_DECISIONS, {**store, "decision": "skip_cost"}),
                 M.make(M.ROUTER_DECISIONS, {"reason": "prefix"}),
                 M.make(M.REGISTRY_PROMOTIONS, {"model": "student", "alias": "production"}),
                 M.make(M.PREEMPTIONS, {"model": "student", "replica": "emitter"}),
