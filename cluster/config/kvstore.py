@@ -54,8 +54,8 @@ class FetchCostConfig(StrictModel):
     probe_every: int = Field(
         16,
         ge=1,
-        description="After this many candidates skipped as too costly, fetch the next one anyway (a probe), "
-        "so that a store that got faster is noticed.",
+        description="Longest run of candidates skipped as too costly before one is fetched anyway (a probe, "
+        "so that a store that got faster is noticed); probes come after 1 skip, then 2, 4, .. up to this.",
     )
     prior_recompute_s_per_token: float = Field(
         1e-4, gt=0, description="Marginal prefill seconds per token until the engine reported a step."

@@ -3,9 +3,13 @@
 1. TTFT of a request whose ``--prefix-tokens`` prefix another engine computed and published:
    fetched from the store (memory / Ray actor refs / Ray actor bytes / Redis) vs recomputed, on
    the ``--model`` preset (random weights), same process, same weights, local prefix cache
-   emptied before every measured request.
-2. Break-even: TTFT with the store vs recompute for prefixes of 1..64 blocks; the smallest
-   size at which fetching wins is what ``kv_store.min_fetch_blocks`` should be.
+   emptied before every measured request. Two readers per backend, one per ``fetch_policy``:
+   ``always`` (what the store alone gives) and ``cost`` (fetches only when its online cost model
+   predicts a win; it first serves ``--calibrate`` rounds of misses of 1..N blocks, as a replica
+   would have by then, so that it has seen prefill steps of several sizes).
+2. Break-even: TTFT under both policies vs recompute for prefixes of 1..64 blocks, the cost
+   engine's decisions and its predicted fetch / saved-recompute times; ``cost`` should never be
+   slower than recompute by more than noise, and fetch wherever ``always`` wins clearly.
 3. Multi-prefix workload: ``--systems`` system prompts x ``--suffixes`` user suffixes, shuffled,
    served by ``--replicas`` engines (simulated replicas: one engine each, all in this process;
    each tick steps every busy engine once and the tick costs the slowest engine's step in CPU
@@ -57,12 +61,15 @@ def engine_cfg(num_blocks: int, max_num_seqs: int = 8, budget: int = 2048) -> En
 
 
 def make_engine(
-    model: Transformer, cfg: EngineConfig, store: Any = None, min_fetch_blocks: int = 1
+    model: Transformer, cfg: EngineConfig, store: Any = None, min_fetch_blocks: int = 1, policy: str = "cost"
 ) -> LLMEngine:
     conn = None
     if store is not None:
         conn = KVConnector(
-            store, KVStoreConfig(enabled=True, min_fetch_blocks=min_fetch_blocks, fetch_timeout_s=10.0)
+            store,
+            KVStoreConfig(
+                enabled=True, min_fetch_blocks=min_fetch_blocks, fetch_timeout_s=10.0, fetch_policy=policy
+            ),
         )
     return LLMEngine(copy.deepcopy(model), cfg, kv_connector=conn)
 
@@ -145,50 +152,83 @@ class Backends:
 
 
 # -- 1 + 2: TTFT and break-even -----------------------------------------------------------------------
+POLICIES = ("always", "cost")
+DECISIONS = {"decided_fetch": "fetch", "decided_skip_cost": "skip", "decided_probe": "probe", "fetch_skipped": "floor"}
+
+
+def calibrate(eng: LLMEngine, vocab: int, max_blocks: int, rounds: int) -> None:
+    """Serve misses of 1..max_blocks blocks: the prefill steps a replica has seen before it meets a
+    shared prefix (they feed the connector's recompute estimate)."""
+    rng = random.Random(2)
+    sizes = sorted({max(1, max_blocks >> k) for k in range(8)})
+    for _ in range(rounds):
+        for n in sizes:
+            ttft(eng, [rng.randrange(vocab) for _ in range(n * 16 + 1)])
+
+
+def decision(conn: KVConnector, before: dict[str, int]) -> str:
+    after = conn.stats.as_dict()
+    return ",".join(label for key, label in DECISIONS.items() if after[key] > before[key]) or "none"
+
+
 def bench_ttft(model: Transformer, args: argparse.Namespace, backends: Backends) -> list[dict[str, Any]]:
-    """Every backend gets a publisher engine (computes the prefix once) and a reader engine; then,
-    size by size and run by run, recompute and every reader are timed in turn (interleaved, so a
-    burst of other load on the machine hits all of them alike)."""
+    """Every backend gets a publisher engine (computes the prefix once) and a reader engine per
+    fetch policy; then, size by size and run by run, recompute and every reader are timed in turn
+    (interleaved, so a burst of other load on the machine hits all of them alike)."""
     rng = random.Random(0)
     vocab = model.cfg.vocab_size
     prefix = [rng.randrange(vocab) for _ in range(args.prefix_tokens)]
     tail = [rng.randrange(vocab) for _ in range(16)]
-    cfg = engine_cfg(num_blocks=args.prefix_tokens // 16 * 2 + 32)
-    sizes = [n for n in (1, 2, 4, 8, 16, 32, 64) if n * 16 < args.prefix_tokens] + [args.prefix_tokens // 16]
+    full = args.prefix_tokens // 16
+    cfg = engine_cfg(num_blocks=full * 2 + 32)
+    sizes = [n for n in (1, 2, 4, 8, 16, 32, 64) if n < full] + [full]
     engines: dict[str, LLMEngine] = {"recompute": make_engine(model, cfg)}
     stores: dict[str, Any] = {}
     fetch: dict[str, float] = {}
     try:
         for name in backends.names:
             stores[name] = backends.open(name)
-            publisher = make_engine(model, cfg, stores[name])
+            publisher = make_engine(model, cfg, stores[name], policy="always")
             publisher.generate([prefix + tail], ONE)
             publisher.kv_connector.flush(60)
-            keys = make_keys(
-                publisher.kv_connector.namespace,
-                block_hashes(prefix, 16, publisher.model_id)[: args.prefix_tokens // 16],
-            )
+            keys = make_keys(publisher.kv_connector.namespace, block_hashes(prefix, 16, publisher.model_id)[:full])
             fetch[name] = get_latency(stores[name], keys, 20)
             publisher.kv_connector.close()
-            engines[name] = make_engine(model, cfg, stores[name])
+            for policy in POLICIES:
+                engines[f"{name}/{policy}"] = make_engine(model, cfg, stores[name], policy=policy)
+            calibrate(engines[f"{name}/cost"], vocab, full, args.calibrate)
         runs: dict[str, dict[int, list[float]]] = {name: {n: [] for n in sizes} for name in engines}
+        decided: dict[str, dict[int, list[str]]] = {name: {n: [] for n in sizes} for name in engines}
         for n in sizes:
             prompt = prefix[: n * 16] + tail[:1]
             for rep in range(args.repeats + 1):  # run 0 warms up
                 for name, eng in engines.items():
+                    before = eng.kv_connector.stats.as_dict() if eng.kv_connector is not None else {}
                     t = ttft(eng, prompt)
                     if rep:
                         runs[name][n].append(t)
+                        if eng.kv_connector is not None:
+                            decided[name][n].append(decision(eng.kv_connector, before))
         stat = min if args.stat == "min" else statistics.median
         res = {name: {n: stat(r[n]) for n in sizes} for name, r in runs.items()}
+        rows = []
+        for name in backends.names:
+            cost = engines[f"{name}/cost"].kv_connector
+            rows.append({
+                "backend": name,
+                "get_ms": fetch[name] * 1e3,
+                "hit": {policy: res[f"{name}/{policy}"] for policy in POLICIES},
+                "decisions": {policy: decided[f"{name}/{policy}"] for policy in POLICIES},
+                "predict": {n: cost.predict(n) for n in sizes},
+                "estimates": cost.estimates(),
+            })
     finally:
         for name, store in stores.items():
-            if name in engines:
-                engines[name].kv_connector.close()
+            for policy in POLICIES:
+                if f"{name}/{policy}" in engines:
+                    engines[f"{name}/{policy}"].kv_connector.close()
             backends.close(store)
-    return [{"recompute": res["recompute"], "sizes": sizes}] + [
-        {"backend": name, "hit": res[name], "get_ms": fetch[name] * 1e3} for name in backends.names
-    ]
+    return [{"recompute": res["recompute"], "sizes": sizes}] + rows
 
 
 def get_latency(store: Any, keys: list[bytes], n: int) -> float:
@@ -202,31 +242,71 @@ def get_latency(store: Any, keys: list[bytes], n: int) -> float:
     return statistics.median(times[1:])
 
 
+def summarize(decisions: list[str]) -> str:
+    """["fetch", "fetch", "skip"] -> "fetch 2, skip 1"."""
+    counts: dict[str, int] = {}
+    for d in decisions:
+        counts[d] = counts.get(d, 0) + 1
+    return ", ".join(f"{d} {c}" for d, c in counts.items())
+
+
 def print_ttft(res: list[dict[str, Any]], args: argparse.Namespace) -> None:
     base, sizes = res[0]["recompute"], res[0]["sizes"]
     full = sizes[-1]
     print(
-        f"\n## TTFT, {full * 16}-token prefix computed by another engine ({args.model}, {DEVICE['device']}, {DEVICE['dtype']}, "
-        f"{args.stat} of {args.repeats} wall-clock runs)\n"
+        f"\n## TTFT, {full * 16}-token prefix computed by another engine ({args.model}, {DEVICE['device']}, "
+        f"{DEVICE['dtype']}, {args.stat} of {args.repeats} wall-clock runs)\n"
     )
-    print(
-        f"| backend | store hit TTFT (ms) | recompute TTFT (ms) | speedup | one get of {full} blocks (ms) |"
-    )
-    print("|---|---:|---:|---:|---:|")
+    print(f"| backend | fetch_policy | TTFT (ms) | recompute TTFT (ms) | speedup | decisions | one get of {full} blocks (ms) |")
+    print("|---|---|---:|---:|---:|---|---:|")
     for row in res[1:]:
+        for policy in POLICIES:
+            hit = row["hit"][policy][full]
+            print(
+                f"| {row['backend']} | {policy} | {hit * 1e3:.1f} | {base[full] * 1e3:.1f} | {base[full] / hit:.1f}x | "
+                f"{summarize(row['decisions'][policy][full])} | {row['get_ms']:.2f} |"
+            )
+    print("\n## The `cost` engine's fetch cost model at the end of the run\n")
+    print(
+        "| backend | prefill steps seen | recompute fixed (ms) | recompute marginal (us/token) | fetches seen | "
+        "fetch latency (ms) | fetch throughput (MB/s) | break-even (blocks) |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for row in res[1:]:
+        e = row["estimates"]
+        mbps = "-" if e["fetch_bytes_per_s"] is None else f"{e['fetch_bytes_per_s'] / 1e6:.0f}"
         print(
-            f"| {row['backend']} | {row['hit'][full] * 1e3:.1f} | {base[full] * 1e3:.1f} | "
-            f"{base[full] / row['hit'][full]:.1f}x | {row['get_ms']:.1f} |"
+            f"| {row['backend']} | {e['recompute_samples']} | {e['recompute_fixed_s'] * 1e3:.2f} | "
+            f"{e['recompute_s_per_token'] * 1e6:.1f} | {e['fetch_samples']} | {e['fetch_latency_s'] * 1e3:.2f} | "
+            f"{mbps} | {e['break_even_blocks'] if e['break_even_blocks'] is not None else 'never'} |"
         )
-    print("\n## Break-even: TTFT (ms) of a prompt of N cached blocks + 1 token\n")
-    print("| blocks | recompute | " + " | ".join(r["backend"] for r in res[1:]) + " |")
-    print("|---:|---:|" + "---:|" * (len(res) - 1))
+        if not e["recompute_samples"]:
+            print("\n(the engine reported no prefill steps: the cost model decided on its priors)")
+    print("\n## Break-even: TTFT (ms) of a prompt of N blocks (fetched or recomputed) + 1 token, both policies\n")
+    head = " | ".join(
+        f"{r['backend']} always | {r['backend']} cost | cost decisions | predicted fetch / saved (ms)" for r in res[1:]
+    )
+    print(f"| blocks | recompute | {head} |")
+    print("|---:|---:|" + "---:|---:|---|---:|" * (len(res) - 1))
     for n in sizes:
-        cells = " | ".join(f"{r['hit'][n] * 1e3:.1f} ({base[n] / r['hit'][n]:.1f}x)" for r in res[1:])
-        print(f"| {n} | {base[n] * 1e3:.1f} | {cells} |")
+        cells = []
+        for r in res[1:]:
+            a, c = r["hit"]["always"][n], r["hit"]["cost"][n]
+            f_s, saved_s = r["predict"][n]
+            cells.append(
+                f"{a * 1e3:.1f} ({base[n] / a:.1f}x) | {c * 1e3:.1f} ({base[n] / c:.1f}x) | "
+                f"{summarize(r['decisions']['cost'][n])} | {f_s * 1e3:.2f} / {saved_s * 1e3:.2f}"
+            )
+        print(f"| {n} | {base[n] * 1e3:.1f} | {' | '.join(cells)} |")
+    print()
     for r in res[1:]:
-        wins = [n for n in sizes if r["hit"][n] < base[n]]
-        print(f"break-even {r['backend']}: fetching wins from {wins[0] if wins else 'never'} block(s)")
+        wins = [n for n in sizes if r["hit"]["always"][n] < base[n]]
+        worst = max(sizes, key=lambda n: r["hit"]["cost"][n] / base[n])
+        print(
+            f"{r['backend']}: fetching wins from {wins[0] if wins else 'never'} block(s) measured, "
+            f"from {r['estimates']['break_even_blocks'] or 'never'} predicted; cost policy at worst "
+            f"{r['hit']['cost'][worst] / base[worst]:.2f}x recompute's TTFT ({worst} blocks)"
+        )
 
 
 # -- 3: routing -----------------------------------------------------------------------------------------
@@ -316,6 +396,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default="small", help="model preset (random weights)")
     p.add_argument("--prefix-tokens", type=int, default=1024)
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument(
+        "--calibrate", type=int, default=2, help="rounds of misses of 1..N blocks the cost engine serves first"
+    )
     p.add_argument("--backends", default="memory,ray-refs,ray-bytes,redis")
     p.add_argument("--replicas", type=int, default=4)
     p.add_argument("--systems", type=int, default=8)

@@ -23,9 +23,10 @@ cheaper than recomputing: a GPU prefills a 1k-token prefix in a few ms, less tha
 ~40 MB of KV through a store (LMCache#914: a shared cache slower than recompute), while on a CPU
 the store wins by 20x and more. The model learns both sides online: the engine's prefill steps
 (``a + b * tokens``; fetching saves ``b * tokens``) and this connector's own fetches (get + verify
-+ import: ``latency + bytes / throughput``). Skipped candidates are counted; every
-``fetch_cost.probe_every`` skips one is fetched anyway (a probe), which restarts the fetch estimate
-from its fresh measurement, so a store that got faster is noticed.
++ import: ``latency + bytes / throughput``). Skipped candidates are counted; after a run of skips
+one is fetched anyway (a probe: after 1 skip, then 2, 4, .. up to ``fetch_cost.probe_every``),
+which restarts the fetch estimate from its fresh measurement, so that a store that got faster, or
+one slow first call, does not keep the connector recomputing.
 
 Any store error, timeout, miss or bad record leaves the request to recompute its prefix: the
 result is the same tokens, only slower (a timeout also teaches the cost model that the store is
@@ -147,7 +148,9 @@ class FetchCostModel:
         self.cfg, self.policy = cfg, policy
         self.recompute = EWLinearFit(0.0, cfg.prior_recompute_s_per_token, cfg.window)  # tokens -> s
         self.fetch = EWLinearFit(cfg.prior_fetch_latency_s, 1.0 / cfg.prior_fetch_bytes_per_s, cfg.window)  # B -> s
-        self.skips = 0  # cost skips since the last fetch or probe
+        # cost skips since the last fetch or probe, and how many make a probe: 1 after a fetch, doubling
+        # up to probe_every while probes keep confirming (one slow first call must not stick for long)
+        self.skips, self.probe_after = 0, 1
         self._lock = threading.Lock()
 
     def observe_prefill(self, num_tokens: int, seconds: float) -> None:
@@ -162,15 +165,20 @@ class FetchCostModel:
                 self.fetch.reset()
             self.fetch.observe(nbytes, seconds)
 
+    def predict(self, tokens: int, nbytes: int) -> tuple[float, float]:
+        """(seconds to fetch ``nbytes`` of records, prefill seconds that saves for ``tokens`` tokens)."""
+        with self._lock:
+            return self.fetch(nbytes), self.recompute.b * tokens
+
     def decide(self, tokens: int, nbytes: int) -> FetchDecision:
         """Fetch ``tokens`` tokens' blocks (``nbytes`` of records) or recompute them?"""
         with self._lock:
             fetch_s, saved_s = self.fetch(nbytes), self.recompute.b * tokens
             if self.policy == "always" or fetch_s * self.cfg.safety_factor < saved_s:
-                self.skips = 0
+                self.skips, self.probe_after = 0, 1
                 return FetchDecision(True, "fetch", fetch_s, saved_s)
-            if self.skips >= self.cfg.probe_every:
-                self.skips = 0
+            if self.skips >= self.probe_after:
+                self.skips, self.probe_after = 0, min(2 * self.probe_after, self.cfg.probe_every)
                 return FetchDecision(True, "probe", fetch_s, saved_s)
             self.skips += 1
             return FetchDecision(False, "skip_cost", fetch_s, saved_s)
@@ -196,6 +204,7 @@ class FetchCostModel:
                 "fetch_bytes_per_s": 1.0 / self.fetch.b if self.fetch.b > 0 else None,
                 "fetch_samples": self.fetch.n,
                 "skips_since_probe": self.skips,
+                "probe_after_skips": self.probe_after,
             }
 
 
@@ -223,10 +232,8 @@ class _Fetched:
     k: torch.Tensor
     v: torch.Tensor
     nbytes: int  # record bytes received
-    seconds: float  # get + verify
+    seconds: float  # store get + verify (load adds the import)
     probe: bool
-
-
 
 
 class KVConnector:
@@ -236,7 +243,7 @@ class KVConnector:
         self.stats = ConnectorStats()
         self.cost = FetchCostModel(self.cfg.fetch_cost, self.cfg.fetch_policy)
         self.stats.estimates = self.estimates  # type: ignore[attr-defined] - shown by stats.as_dict()
-        self._stats_lock = threading.Lock()  # fetch workers and the step thread count
+        self._stats_lock = threading.Lock()  # the step thread, fetch workers and the publisher all count
         self._decision_metrics: dict[str, Any] | None = {} if getattr(store, "metrics", None) is not None else None
         self.kv: Any = None
         self._layout: BlockLayout | None = None
@@ -290,10 +297,10 @@ class KVConnector:
             return
         if not self._store_up():  # it may come back empty (a restarted actor): publish again then
             self._published.clear()
-            self.stats.dropped_blocks += len(fresh)
+            self._count(dropped_blocks=len(fresh))
             return
         if self._queued_blocks + len(fresh) > self.cfg.publish_queue_blocks:
-            self.stats.dropped_blocks += len(fresh)
+            self._count(dropped_blocks=len(fresh))
             return
         ids = torch.tensor([b for _, b in fresh], dtype=torch.long, device=self.kv.kv[0].device)
         k = torch.stack([layer[0].index_select(0, ids) for layer in self.kv.kv]).cpu()  # (L, n, bs, h, d)
@@ -301,7 +308,7 @@ class KVConnector:
         try:
             self._queue.put_nowait(([h for h, _ in fresh], k, v))
         except queue.Full:
-            self.stats.dropped_blocks += len(fresh)
+            self._count(dropped_blocks=len(fresh))
             return
         with self._count_lock:
             self._queued_blocks += len(fresh)
@@ -331,11 +338,11 @@ class KVConnector:
             keys = make_keys(self.namespace, hashes[i : i + step])
             records = encode_blocks(self.layout, keys, k[:, i : i + step], v[:, i : i + step])
             if self.store.put(list(zip(keys, records, strict=True))) is False:
-                self.stats.dropped_blocks += len(keys)
+                self._count(dropped_blocks=len(keys))
                 for h in hashes[i : i + step]:  # let a later request publish them again
                     self._published.pop(h, None)
             else:
-                self.stats.published_blocks += len(keys)
+                self._count(published_blocks=len(keys))
 
     def flush(self, timeout_s: float = 10.0) -> bool:
         """Wait until every queued block was handed to the store (tests, benchmarks)."""
@@ -360,6 +367,10 @@ class KVConnector:
     def decide(self, num_blocks: int) -> FetchDecision:
         """The policy's decision for ``num_blocks`` candidate blocks now (counts a skip toward a probe)."""
         return self.cost.decide(num_blocks * self.layout.block_size, num_blocks * self.layout.record_bytes)
+
+    def predict(self, num_blocks: int) -> tuple[float, float]:
+        """(predicted fetch seconds, predicted recompute seconds saved) for ``num_blocks`` blocks now."""
+        return self.cost.predict(num_blocks * self.layout.block_size, num_blocks * self.layout.record_bytes)
 
     def estimates(self) -> dict[str, Any]:
         """The cost model's current estimates and the break-even they imply for this engine's blocks."""
