@@ -14,6 +14,12 @@ temporary registry), prompt and ``max_tokens`` are measured on this machine, one
   ``split`` = proxy -> ingress replica -> model-server replica (DeploymentHandle);
   ``collocated`` = proxy -> model-server replica serving HTTP itself.
 
+Every HTTP path is measured twice, as two sets of apps behind the same proxy: ``tuned`` (our
+replicas' Serve settings, ``serve.app.SERVE_ENV``, the default) and ``serve defaults`` (none of
+them), each with its own floor. The proxy's hop is the cluster's: ``--proxy-grpc`` (default, what
+``retort up`` sets) starts this benchmark's Ray with ``RAY_SERVE_PROXY_USE_GRPC=1``, ``--no-proxy-grpc``
+without it; compare the two in separate runs.
+
 The HTTP paths are measured in interleaved rounds so that load from other processes on a shared
 machine falls on all of them alike; the load average is printed. Overhead = HTTP p50 - direct p50.
 """
@@ -32,6 +38,8 @@ WARMUP = 10
 ROUNDS = 5
 FLOOR_GET = "serve floor: constant, GET"
 FLOOR_POST = "serve floor: constant, POST body"
+VARIANTS = ("tuned", "serve defaults")  # with serve.app.SERVE_ENV on the replicas, without
+PROXY_GRPC_ENV = "RAY_SERVE_PROXY_USE_GRPC"
 
 
 def _pct(xs: list[float], q: float) -> float:
@@ -74,15 +82,17 @@ def bench_direct(model_dir: Path, engine_cfg: Any, n: int, max_tokens: int) -> l
     return out
 
 
-def _paths(base: dict[str, str], max_tokens: int) -> dict[str, tuple[str, str, dict | None]]:
-    """name -> (method, url, json body) of every HTTP path measured."""
+def _paths(base: dict[str, str], max_tokens: int, variant: str) -> dict[str, tuple[str, str, dict | None]]:
+    """name -> (method, url, json body) of every HTTP path measured for one variant's apps."""
     body = {"model": "bench", "prompt": PROMPT, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True}
-    paths: dict[str, tuple[str, str, dict | None]] = {FLOOR_GET: ("GET", base["const"] + "/", None),
-                                                      FLOOR_POST: ("POST", base["const"] + "/", body)}
+    paths: dict[str, tuple[str, str, dict | None]] = {
+        f"[{variant}] {FLOOR_GET}": ("GET", base["const"] + "/", None),
+        f"[{variant}] {FLOOR_POST}": ("POST", base["const"] + "/", body)}
     for topo in ("split", "collocated"):
-        paths[f"{topo}: GET /health"] = ("GET", base[topo] + "/health", None)
-        paths[f"{topo}: completions"] = ("POST", base[topo] + "/v1/completions", body)
-        paths[f"{topo}: completions stream"] = ("POST", base[topo] + "/v1/completions", {**body, "stream": True})
+        paths[f"[{variant}] {topo}: GET /health"] = ("GET", base[topo] + "/health", None)
+        paths[f"[{variant}] {topo}: completions"] = ("POST", base[topo] + "/v1/completions", body)
+        paths[f"[{variant}] {topo}: completions stream"] = ("POST", base[topo] + "/v1/completions",
+                                                            {**body, "stream": True})
     return paths
 
 
@@ -115,16 +125,17 @@ def bench_http(paths: dict[str, tuple[str, str, dict | None]], n: int) -> dict[s
     return times
 
 
-def measure_http_overhead(n: int = 300, preset: str = "tiny", max_tokens: int = 1,
-                          prefix_caching: bool = False) -> dict[str, Any]:
-    """Latencies (seconds) of one completion: direct engine call vs HTTP through Serve, both topologies."""
+def measure_http_overhead(n: int = 300, preset: str = "tiny", max_tokens: int = 1, prefix_caching: bool = False,
+                          proxy_grpc: bool = True) -> dict[str, Any]:
+    """Latencies (seconds) of one completion: direct engine call vs HTTP through Serve, both
+    topologies, each with our replicas' Serve settings (``tuned``) and without (``serve defaults``)."""
     import ray
     import torch
     from ray import serve
 
+    import serve.app as serve_app
     from cluster.config.serve import ServeConfig
     from cluster.net import free_port
-    from serve.app import build_app
 
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp:
@@ -139,27 +150,46 @@ def measure_http_overhead(n: int = 300, preset: str = "tiny", max_tokens: int = 
             "replica": {"num_cpus": 0.5, "torch_threads": 1}})
         torch.set_num_threads(1)  # same as the replicas
         direct = bench_direct(model_dir, cfg.engine, n, max_tokens)
-        ray.init(num_cpus=4, object_store_memory=256 * 1024**2, include_dashboard=False, log_to_driver=False)
+        # The proxy (and every Ray process) inherits this process's environment at ray.init.
+        saved = os.environ.get(PROXY_GRPC_ENV)
+        os.environ[PROXY_GRPC_ENV] = "1" if proxy_grpc else "0"
+        try:
+            ray.init(num_cpus=6, object_store_memory=256 * 1024**2, include_dashboard=False, log_to_driver=False)
+        finally:
+            if saved is None:
+                os.environ.pop(PROXY_GRPC_ENV)
+            else:
+                os.environ[PROXY_GRPC_ENV] = saved
+        tuned_env = dict(serve_app.SERVE_ENV)
+        paths: dict[str, tuple[str, str, dict | None]] = {}
         try:
             serve.start(http_options={"host": "127.0.0.1", "port": port})
-            serve.run(_constant_app(), name="const", route_prefix="/const")
             url = f"http://127.0.0.1:{port}"
-            for topo in ("split", "collocated"):
-                app_cfg = cfg.model_copy(update={"app_name": topo, "route_prefix": f"/{topo}", "topology": topo})
-                serve.run(build_app({"serve_config": app_cfg.model_dump(mode="json")}), name=topo,
-                          route_prefix=f"/{topo}")
-            http = bench_http(_paths({"const": url + "/const", "split": url + "/split",
-                                      "collocated": url + "/collocated"}, max_tokens), n)
+            for variant, env in zip(VARIANTS, (tuned_env, {}), strict=True):
+                slug = variant.replace(" ", "-")
+                serve_app.SERVE_ENV = env  # what build_app puts in the replicas' runtime_env
+                base = {"const": f"{url}/{slug}-const"}
+                serve.run(_constant_app(env), name=f"{slug}-const", route_prefix=f"/{slug}-const")
+                for topo in ("split", "collocated"):
+                    name = f"{slug}-{topo}"
+                    app_cfg = cfg.model_copy(update={"app_name": name, "route_prefix": f"/{name}", "topology": topo})
+                    serve.run(serve_app.build_app({"serve_config": app_cfg.model_dump(mode="json")}), name=name,
+                              route_prefix=f"/{name}")
+                    base[topo] = f"{url}/{name}"
+                paths.update(_paths(base, max_tokens, variant))
+            http = bench_http(paths, n)
         finally:
+            serve_app.SERVE_ENV = tuned_env
             serve.shutdown()
             ray.shutdown()
     return {"n": n, "preset": preset, "max_tokens": max_tokens, "load": (load_before, os.getloadavg()),
-            "cores": os.cpu_count(), "direct": direct, **http}
+            "cores": os.cpu_count(), "proxy_grpc": proxy_grpc, "tuned_env": tuned_env, "direct": direct, **http}
 
 
-def _constant_app() -> Any:
+def _constant_app(env: dict[str, str]) -> Any:
     """Serve's floor: a FastAPI ingress (like ours; a plain ``__call__`` deployment measured slower
-    here) whose routes answer a constant; the POST route reads the body first, as ours do."""
+    here) whose routes answer a constant; the POST route reads the body first, as ours do. ``env``:
+    the replica's Serve settings, as ``serve.app.with_serve_env`` gives our deployments."""
     from fastapi import (  # no `from __future__ import annotations` here: FastAPI reads the hints
         FastAPI,
         Request,
@@ -168,7 +198,9 @@ def _constant_app() -> Any:
 
     api = FastAPI()
 
-    @serve.deployment(name="Constant", ray_actor_options={"num_cpus": 0.1})
+    from serve.app import with_serve_env
+
+    @serve.deployment(name="Constant", **with_serve_env({"ray_actor_options": {"num_cpus": 0.1}}, env))
     @serve.ingress(api)
     class Constant:
         @api.get("/")
@@ -186,27 +218,32 @@ def _constant_app() -> Any:
 def format_table(r: dict[str, Any]) -> str:
     ms = 1000.0
     d50, d99 = _pct(r["direct"], 0.5), _pct(r["direct"], 0.99)
-    floors = {"GET": _pct(r[FLOOR_GET], 0.5), "POST": _pct(r[FLOOR_POST], 0.5)}
     (b1, b5, b15), (a1, a5, a15) = r["load"]
+    env = " ".join(f"{k}={v}" for k, v in r["tuned_env"].items()) or "none"
     lines = [f"{r['max_tokens']}-token completion, {r['preset']} model, {r['n']} sequential requests per path "
              f"({ROUNDS} interleaved rounds)",
-             f"load average before {b1:.2f} {b5:.2f} {b15:.2f}, after {a1:.2f} {a5:.2f} {a15:.2f} ({r['cores']} cores)", "",
-             f"{'path':<38}{'p50 ms':>9}{'p99 ms':>9}{'p50 x direct':>14}{'p50 - direct':>14}{'p50 - floor':>13}",
-             "-" * 97,
-             f"{'direct engine call (in-process)':<38}{d50 * ms:>9.2f}{d99 * ms:>9.2f}{'1.0x':>14}{'-':>14}{'-':>13}"]
-    for name, xs in r.items():
-        if not isinstance(xs, list) or name == "direct":
-            continue
-        p50, p99 = _pct(xs, 0.5), _pct(xs, 0.99)
-        engine = name.endswith(("completions", "completions stream"))
-        floor = floors["POST" if engine or name == FLOOR_POST else "GET"]
-        extra = (f"{p50 / d50:>13.1f}x{(p50 - d50) * ms:>14.2f}{(p50 - d50 - floor) * ms:>13.2f}" if engine else
-                 f"{'':>14}{'':>14}{(p50 - floor) * ms:>13.2f}")
-        lines.append(f"{name:<38}{p50 * ms:>9.2f}{p99 * ms:>9.2f}{extra}")
-    lines += ["-" * 97,
+             f"load average before {b1:.2f} {b5:.2f} {b15:.2f}, after {a1:.2f} {a5:.2f} {a15:.2f} ({r['cores']} cores)",
+             f"proxy -> replica: {'gRPC' if r['proxy_grpc'] else 'Ray actor calls'} ({PROXY_GRPC_ENV}="
+             f"{int(r['proxy_grpc'])}); [tuned] replicas: {env}; [serve defaults] replicas: none", "",
+             f"{'path':<55}{'p50 ms':>9}{'p99 ms':>9}{'p50 x direct':>14}{'p50 - direct':>14}{'p50 - floor':>13}",
+             "-" * 114,
+             f"{'direct engine call (in-process)':<55}{d50 * ms:>9.2f}{d99 * ms:>9.2f}{'1.0x':>14}{'-':>14}{'-':>13}"]
+    for variant in VARIANTS:
+        tag = f"[{variant}] "
+        floors = {"GET": _pct(r[tag + FLOOR_GET], 0.5), "POST": _pct(r[tag + FLOOR_POST], 0.5)}
+        for name, xs in r.items():
+            if not isinstance(xs, list) or not name.startswith(tag):
+                continue
+            p50, p99 = _pct(xs, 0.5), _pct(xs, 0.99)
+            engine = name.endswith(("completions", "completions stream"))
+            floor = floors["POST" if engine or name.endswith(FLOOR_POST) else "GET"]
+            extra = (f"{p50 / d50:>13.1f}x{(p50 - d50) * ms:>14.2f}{(p50 - d50 - floor) * ms:>13.2f}" if engine else
+                     f"{'':>14}{'':>14}{(p50 - floor) * ms:>13.2f}")
+            lines.append(f"{name:<55}{p50 * ms:>9.2f}{p99 * ms:>9.2f}{extra}")
+    lines += ["-" * 114,
               "p50 - direct: the HTTP overhead over a direct engine call (goal <= 5 ms). p50 - floor: what is left",
-              "after Serve's own proxy -> replica floor (the constant deployment, GET or POST alike), i.e. what the",
-              "app adds on top of Serve (for completions: on top of floor + direct engine time)."]
+              "after Serve's own proxy -> replica floor of the same variant (the constant deployment, GET or POST",
+              "alike), i.e. what the app adds on top of Serve (for completions: on top of floor + direct engine time)."]
     return "\n".join(lines)
 
 
@@ -215,10 +252,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--requests", type=int, default=300, help="measured requests per path (after 10 warm-up)")
     p.add_argument("--max-tokens", type=int, default=1, help="max_tokens of every request (ignore_eos)")
     p.add_argument("--preset", default="tiny", help="model preset (random weights)")
+    p.add_argument("--proxy-grpc", action=argparse.BooleanOptionalAction, default=True,
+                   help=f"proxy -> replica over gRPC ({PROXY_GRPC_ENV}=1, as `retort up` sets) or Ray actor calls")
     args = p.parse_args(argv)
     if args.requests < 1 or args.max_tokens < 1:
         p.error("--requests and --max-tokens must be >= 1")
-    print(format_table(measure_http_overhead(args.requests, args.preset, args.max_tokens)))
+    print(format_table(measure_http_overhead(args.requests, args.preset, args.max_tokens,
+                                             proxy_grpc=args.proxy_grpc)))
     return 0
 
 

@@ -10,7 +10,7 @@ import pytest
 
 from cluster.config.serve import ServeConfig
 from cluster.errors import ConfigError
-from serve.app import INGRESS, MODEL_SERVER, build_app, collocated_options, load_serve_config
+from serve.app import INGRESS, MODEL_SERVER, build_app, collocated_options, load_serve_config, with_serve_env
 from serve.autoscale import model_server_options
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "integration"))
@@ -65,3 +65,21 @@ def test_build_app_per_topology(registry, topology, expected):
     # collocated: the Ingress class under the model server's name, with no handle (the engine lives in it)
     assert len(server.init_args) == (2 if topology == "collocated" else 1)
     assert topology == "split" or server.init_args[0] is None
+
+
+@pytest.mark.parametrize("topology", ["split", "collocated"])
+def test_every_deployment_gets_the_serve_request_path_env(registry, topology):
+    """SERVE_ENV reaches every replica through its runtime_env (Serve reads these flags in the
+    replica process); variables the options already set win over ours."""
+    args = {"registry.root": str(registry), "registry.cache_dir": str(registry / ".cache"), "topology": topology}
+    for dep in _deployments(build_app(args)).values():
+        env = dep.ray_actor_options["runtime_env"]["env_vars"]
+        assert env["RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD"] == "0"
+        assert env["RAY_SERVE_USE_GRPC_BY_DEFAULT"] == "1"
+        assert dep.ray_actor_options["num_cpus"] > 0  # the resources are kept
+    mine = {"ray_actor_options": {"num_cpus": 1, "runtime_env": {"env_vars": {"RAY_SERVE_USE_GRPC_BY_DEFAULT": "0"},
+                                                                 "pip": ["x"]}}}
+    out = with_serve_env(mine)["ray_actor_options"]
+    assert out["runtime_env"]["env_vars"]["RAY_SERVE_USE_GRPC_BY_DEFAULT"] == "0" and out["runtime_env"]["pip"] == ["x"]
+    assert out["runtime_env"]["env_vars"]["RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD"] == "0"
+    assert mine["ray_actor_options"]["runtime_env"]["env_vars"] == {"RAY_SERVE_USE_GRPC_BY_DEFAULT": "0"}  # not mutated
