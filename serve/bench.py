@@ -6,7 +6,7 @@
 
 Prints (markdown): output tok/s at each concurrency, TTFT and TPOT p50/p99, and the ratio of our
 throughput to HF's default-cache and static-cache ``generate``; TTFT with a 1k-token shared
-prefix cached vs not; the decode step time at batch 1. Random weights (speed does not depend on
+prefix cached vs not; the time per output token at batch 1 and, on CUDA, one decode step's GPU time. Random weights (speed does not depend on
 them). Every number in a ratio is measured in the same run. "CPU ms/token" is this process's CPU
 time per output token: on a shared, oversubscribed CPU it is the steadier comparison.
 """
@@ -14,6 +14,7 @@ time per output token: on a shared, oversubscribed CPU it is the steadier compar
 from __future__ import annotations
 
 import argparse
+import bisect
 import json
 import statistics
 import sys
@@ -61,6 +62,7 @@ def make_engine(model: Transformer, args, max_seqs: int, budget: int, blocks_tok
     cfg = EngineConfig(
         device=args.device, dtype=args.dtype, max_num_seqs=max_seqs, max_num_batched_tokens=budget,
         num_blocks=blocks_tokens // 16 + max_seqs + 8, max_model_len=model.cfg.max_seq_len,
+        **({} if args.scheduler_steps is None else {"num_scheduler_steps": args.scheduler_steps}),
     )
     return LLMEngine(model, cfg)
 
@@ -110,17 +112,35 @@ def bench_engine(engine: LLMEngine, work: Work, conc: int) -> Row:
 
 
 def decode_step_us(engine: LLMEngine, prompt: list[int], steps: int) -> tuple[float, float]:
-    """Median wall and CPU time (µs) of one engine step with a single running sequence."""
+    """Wall and CPU time (µs) per output token of a single running sequence in steady decode (with
+    multi-step decoding one ``step()`` yields several tokens: the time is per token, not per call)."""
     engine.add_request("decode-probe", prompt, SamplingParams(max_tokens=steps + 2, temperature=0.0, ignore_eos=True))
     engine.step()  # prefill
     engine.step()
-    wall, cpu = [], []
+    n = 0
+    t, c = time.perf_counter(), time.process_time()
     while engine.has_unfinished():
-        t, c = time.perf_counter(), time.process_time()
-        engine.step()
-        wall.append(time.perf_counter() - t)
-        cpu.append(time.process_time() - c)
-    return statistics.median(wall) * 1e6, statistics.median(cpu) * 1e6
+        n += sum(len(o.new_token_ids) for o in engine.step())
+    return (time.perf_counter() - t) * 1e6 / n, (time.process_time() - c) * 1e6 / n
+
+
+def graph_replay_us(engine: LLMEngine, batch: int, reps: int = 200) -> float | None:
+    """GPU time (µs) of one captured decode step (batch ``batch``, the smallest block bucket): the
+    device-side floor of a step, without any host work."""
+    g = engine.runner.graphs
+    if g is None or batch > g.batch_sizes[-1]:
+        return None
+    b = g.batch_sizes[bisect.bisect_left(g.batch_sizes, batch)]
+    graph, _ = g.graphs[(b, g.block_counts[0])]
+    for _ in range(10):
+        graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) * 1e3 / reps
 
 
 def prefix_ttft_ms(engine: LLMEngine, vocab: int, prefix_len: int, reps: int) -> tuple[float, float]:
@@ -206,6 +226,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--workload", default="fixed", choices=["fixed", "mixed"],
                     help="fixed: every request prompt-len -> output-len (the anchor's setup); mixed: lengths "
                     "uniform in [1/4, 7/4] of those (HF pads prompts and runs each batch to its longest output)")
+    ap.add_argument("--scheduler-steps", type=int, default=None,
+                    help="engine num_scheduler_steps (CUDA multi-step greedy decode); default: the config's")
     ap.add_argument("--no-hf", action="store_true", help="skip the transformers baselines")
     ap.add_argument("--quick", action="store_true", help="fewer/shorter runs (CPU)")
     ap.add_argument("--threads", type=int, default=None,
@@ -258,17 +280,23 @@ def main(argv: list[str] | None = None) -> int:
     steps = 32 if args.quick else 128
     dec_us, dec_cpu_us = decode_step_us(engine, prompts_for(1, args.prompt_len, mcfg.vocab_size, 7)[0], steps)
     miss, hit = prefix_ttft_ms(engine, mcfg.vocab_size, args.prefix_len, 3 if args.quick else 5)
+    graph_us: dict[int, float] = {}
     print(table(rows))
     print()
     hf1 = {r.system: r.pct(r.tpot_ms, .5) * 1e3 for r in rows if r.concurrency == 1}
     print("| measure | retort engine | HF default cache (TPOT) | HF static cache (TPOT) | ratio |")
     print("|---|---:|---:|---:|---:|")
     d1 = hf1.get("HF default cache", float("nan"))
-    print(f"| decode step, batch 1 (µs, median wall; engine CPU {dec_cpu_us:,.0f}) | {dec_us:,.0f} | {d1:,.0f} "
+    print(f"| time per output token, batch 1 (µs wall; engine CPU {dec_cpu_us:,.0f}) | {dec_us:,.0f} | {d1:,.0f} "
           f"| {hf1.get('HF static cache', float('nan')):,.0f} | HF default / engine = {d1 / dec_us:.2f} |")
+    for b in (1, 64):
+        us = graph_replay_us(engine, b) if device.type == "cuda" else None
+        if us is not None:
+            graph_us[b] = us
+            print(f"| one decode step's GPU time, batch {b} (µs, CUDA-graph replay) | {us:,.0f} | | | |")
     print(f"| TTFT, {args.prefix_len}-token prefix: miss vs hit (ms) | miss {miss:.1f} / hit {hit:.1f} | | | {miss / hit:.1f}× lower on hit |")
     if args.json:
-        res = dict(args=vars(args), rows=[asdict(r) for r in rows], decode_step_us=dec_us, decode_step_cpu_us=dec_cpu_us, prefix_miss_ms=miss, prefix_hit_ms=hit)
+        res = dict(args=vars(args), rows=[asdict(r) for r in rows], decode_step_us=dec_us, decode_step_cpu_us=dec_cpu_us, graph_replay_us=graph_us, prefix_miss_ms=miss, prefix_hit_ms=hit)
         with open(args.json, "w") as f:
             json.dump(res, f, indent=1)
     tmp.cleanup()

@@ -34,6 +34,21 @@ class EngineConfig(StrictModel):
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where the model and KV pool live; auto = cuda when available.")
     enable_prefix_caching: bool = Field(True, description="Reuse full KV blocks across requests by chained block hash.")
     enforce_eager: bool = Field(
-        False, description="CUDA only: run decode steps eagerly instead of replaying captured CUDA graphs."
+        False, description="CUDA only: run every step eagerly instead of replaying CUDA graphs captured at load "
+        "(whole decode steps; prefill and mixed steps piecewise, between the attention calls)."
+    )
+    compile: bool = Field(
+        True,
+        description="CUDA graphs only: also capture every decode bucket with torch.compile'd decoder blocks and "
+        "keep, per bucket, whichever replays faster (adds ~30 s to a replica's start; env RETORT_ENGINE_COMPILE=0/1 "
+        "overrides).",
+    )
+    num_scheduler_steps: int = Field(
+        8, ge=1, le=64,
+        description="When every running sequence is decoding greedily (no logprobs) and nobody is waiting "
+        "for a slot, run up to this many decode steps per schedule, each step's token feeding the next with no "
+        "scheduling or sampling in between (vLLM's multi-step scheduling; on CUDA the steps replay CUDA graphs "
+        "back to back and the tokens come back once). Tokens then stream in bursts of up to this many. "
+        "1 = one token per schedule.",
     )
     seed: int = Field(0, description="Seed of the sampler's generator for requests without their own seed.")

@@ -130,10 +130,9 @@ class LLMEngine:
         self.scheduler = Scheduler(self.kv, cfg.max_num_seqs, cfg.max_num_batched_tokens, kv_connector=kv_connector)
         self.runner = ModelRunner(
             self.model, self.kv, self.device, cuda_graphs=not cfg.enforce_eager,
-            max_batch=cfg.max_num_seqs, max_model_len=self.max_model_len,
-            # experimental (CUDA): torch.compile the decode block inside the graphs; measured slower
-            # than the eager fused forward on an H200 so far, hence opt-in
-            compile=os.environ.get("RETORT_ENGINE_COMPILE") == "1",
+            max_batch=cfg.max_num_seqs, max_model_len=self.max_model_len, max_tokens=cfg.max_num_batched_tokens,
+            compile=cfg.compile if "RETORT_ENGINE_COMPILE" not in os.environ else os.environ["RETORT_ENGINE_COMPILE"] == "1",
+            max_steps=cfg.num_scheduler_steps,
         )
         self.sampler = Sampler(self.device, cfg.seed)
         self._lock = threading.Lock()
@@ -238,6 +237,10 @@ class LLMEngine:
         batch = self.scheduler.schedule()
         if not batch.seqs:
             return outputs
+        steps = self._decode_steps(batch)
+        if steps > 1:
+            return outputs + self._apply_steps(batch.seqs, self.runner.decode_steps(batch.seqs, steps))
+        t0 = time.perf_counter()
         logits = self.runner.execute(batch.seqs, batch.num_new_tokens)
         sampling: list[Sequence] = []
         for seq, n in zip(batch.seqs, batch.num_new_tokens, strict=True):
@@ -245,9 +248,10 @@ class LLMEngine:
             self.kv.commit(seq)
             if seq.num_computed_tokens == seq.num_tokens:
                 sampling.append(seq)
-        if not sampling:
+        result = self.sampler.sample(logits, sampling) if sampling else None
+        self._observe(batch, t0)
+        if result is None:
             return outputs
-        result = self.sampler.sample(logits, sampling)
         now = time.monotonic()
         for seq, tok, lp in zip(sampling, result.token_ids, result.logprobs, strict=True):
             seq.output_token_ids.append(tok)
@@ -258,6 +262,60 @@ class LLMEngine:
             if reason is not None:
                 self._finish(seq, reason)
             outputs.append(self._output(seq, [tok], None if lp is None else [lp]))
+        return outputs
+
+    def _observe(self, batch, t0: float) -> None:
+        """Tell the KV store's connector what computing this step's tokens cost (its fetch-or-recompute
+        model); only steps with prefill tokens, timed to the end of the GPU work."""
+        if self.kv_connector is None or not hasattr(self.kv_connector, "observe_prefill"):
+            return
+        if all(n == 1 for n in batch.num_new_tokens):
+            return
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.kv_connector.observe_prefill(batch.total_tokens, time.perf_counter() - t0)
+
+    def _decode_steps(self, batch) -> int:
+        """How many greedy decode steps this batch may run in one go, with no scheduling or sampling in
+        between (1 = a normal step):
+        every sequence decoding greedily past its first token, without logprobs, none within that
+        many tokens of max_tokens, nobody waiting for a free slot, and KV blocks for all of them."""
+        k = self.cfg.num_scheduler_steps
+        if k < 2:
+            return 1
+        if len(self.scheduler.running) < self.cfg.max_num_seqs and (self.scheduler.waiting or self._pending):
+            return 1  # admit newcomers at the next step
+        for seq, n in zip(batch.seqs, batch.num_new_tokens, strict=True):
+            p = seq.params
+            if n != 1 or not seq.output_token_ids or not p.greedy or p.logprobs:
+                return 1
+            k = min(k, p.max_tokens - len(seq.output_token_ids), self.max_model_len - seq.num_tokens + 1)
+        if k < 2:
+            return 1
+        for seq in batch.seqs:  # the scheduler reserved one new token each; reserve the rest
+            if not self.kv.allocate(seq, k):
+                return 1
+        return k
+
+    def _apply_steps(self, seqs: list[Sequence], tokens: list[list[int]]) -> list[RequestOutput]:
+        """Append each sequence's multi-step tokens up to its first stop; what a sequence generated
+        past its stop is dropped (its KV lies beyond ``num_computed_tokens``, in blocks freed with it)."""
+        outputs = []
+        for seq, toks in zip(seqs, tokens, strict=True):
+            new: list[int] = []
+            reason = None
+            for tok in toks:
+                seq.num_computed_tokens += 1
+                seq.output_token_ids.append(tok)
+                new.append(tok)
+                reason = self._finish_reason(seq, tok)
+                if reason is not None:
+                    break
+            self.kv.commit(seq)
+            self.generation_tokens += len(new)
+            if reason is not None:
+                self._finish(seq, reason)
+            outputs.append(self._output(seq, new, None))
         return outputs
 
     def _drain(self) -> list[RequestOutput]:

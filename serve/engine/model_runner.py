@@ -10,7 +10,8 @@ only per-sequence part (``PagedAttention``):
   ``(B, L, Hkv, D)`` and one masked SDPA runs over the batch (measured faster on CPU than one
   SDPA per sequence from batch 2 on: the per-call overhead dominates at these sizes);
 * prefill chunks are attended one sequence at a time: plain causal SDPA over the new tokens when
-  nothing is cached before them, else a masked SDPA over the gathered prefix + chunk.
+  nothing is cached before them, else a masked SDPA over the gathered prefix + chunk (on CUDA a
+  bottom-right causal bias, ``causal_lower_right``, so the fused kernel runs with no mask tensor).
 
 The same code runs on CUDA (SDPA picks its fused kernels; the metadata is built on the host and
 copied once per step, not per layer).
@@ -22,6 +23,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.bias import causal_lower_right
 
 from cluster.model import Transformer
 from serve.engine.cuda_graphs import additive_mask
@@ -55,38 +57,47 @@ class PagedAttention:
         self.kv = kv
         self.meta = meta
 
-    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """q (N, H, D), k/v (N, Hkv, D) -> (N, H, D); stores k/v in their slots first."""
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               out: torch.Tensor | None = None) -> torch.Tensor:
+        """q (N, H, D), k/v (N, Hkv, D) -> (N, H, D) (into ``out`` if given; rows that are neither a
+        decode query nor in a prefill chunk are left as they are); stores k/v in their slots first."""
         cache = self.kv.kv[layer]  # (2, NB, BS, Hkv, D)
         _, nb, bs, hkv, d = cache.shape
         m = self.meta
         cache[0].view(nb * bs, hkv, d).index_copy_(0, m.slot_mapping, k)
         cache[1].view(nb * bs, hkv, d).index_copy_(0, m.slot_mapping, v)
-        if m.decode_idx is not None and not m.prefills:
+        if m.decode_idx is not None and not m.prefills and out is None:
             return decode_attention(q, cache[0], cache[1], m.decode_tables, m.decode_mask, q.shape[1] // hkv)
         gqa = q.shape[1] != hkv
-        out = torch.empty_like(q)  # (N, H, D)
+        if out is None:
+            out = torch.empty_like(q)  # (N, H, D)
         if m.decode_idx is not None:
             out[m.decode_idx] = decode_attention(q[m.decode_idx], cache[0], cache[1], m.decode_tables, m.decode_mask,
                                                  q.shape[1] // hkv)
         for c in m.prefills:
-            qs = q[c.start : c.start + c.q_len].transpose(0, 1)  # (H, q, D)
+            # 4-D (1, heads, len, D): SDPA's fused CUDA kernels take only batched inputs (3-D ran the math kernel)
+            qs = q[c.start : c.start + c.q_len].transpose(0, 1)[None]  # (1, H, q, D)
             if c.blocks is None:
-                ks = k[c.start : c.start + c.q_len].transpose(0, 1)  # (Hkv, q, D)
-                vs = v[c.start : c.start + c.q_len].transpose(0, 1)
+                ks = k[c.start : c.start + c.q_len].transpose(0, 1)[None]  # (1, Hkv, q, D)
+                vs = v[c.start : c.start + c.q_len].transpose(0, 1)[None]
                 o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, enable_gqa=gqa)
             else:
-                ks = cache[0, c.blocks].view(-1, hkv, d)[: c.ctx_len].transpose(0, 1)  # (Hkv, ctx, D)
-                vs = cache[1, c.blocks].view(-1, hkv, d)[: c.ctx_len].transpose(0, 1)
-                o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=c.mask, enable_gqa=gqa)
-            out[c.start : c.start + c.q_len] = o.transpose(0, 1)
+                ks = cache[0, c.blocks].view(-1, hkv, d)[: c.ctx_len].transpose(0, 1)[None]  # (1, Hkv, ctx, D)
+                vs = cache[1, c.blocks].view(-1, hkv, d)[: c.ctx_len].transpose(0, 1)[None]
+                if q.is_cuda:  # the chunk's queries are the last q_len positions: bottom-right causal, fused kernel
+                    if gqa:
+                        ks, vs = ks.repeat_interleave(q.shape[1] // hkv, 1), vs.repeat_interleave(q.shape[1] // hkv, 1)
+                    o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=causal_lower_right(c.q_len, c.ctx_len))
+                else:
+                    o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=c.mask, enable_gqa=gqa)
+            out[c.start : c.start + c.q_len] = o[0].transpose(0, 1)
         return out
 
 
 class ModelRunner:
     def __init__(
         self, model: Transformer, kv: KVCacheManager, device: torch.device, *, cuda_graphs: bool = False,
-        max_batch: int = 1, max_model_len: int = 1, compile: bool = False,
+        max_batch: int = 1, max_model_len: int = 1, compile: bool = False, max_steps: int = 1, max_tokens: int = 0,
     ) -> None:
         self.model = model
         self.kv = kv
@@ -94,18 +105,23 @@ class ModelRunner:
         self.block_size = kv.block_size
         self.fused = FusedModel(model, max_model_len)
         self.graphs = None
+        self.pieces = None
         if cuda_graphs and device.type == "cuda":
             from serve.engine.cuda_graphs import DecodeGraphs
+            from serve.engine.piecewise_graphs import PiecewiseGraphs
 
-            if compile:  # steps that are not pure decode (prefill chunks) run compiled pieces, eager attention
-                self.fused.compile_pieces()
             self.graphs = DecodeGraphs(self.fused, kv, device, max_batch, -(-max_model_len // kv.block_size),
-                                       compile=compile)
+                                       compile=compile, max_steps=max_steps)
             self.graphs.capture_all()
+            if max_tokens and all(self.fused.decode_weights(i) is not None for i in range(len(self.fused.layers))):
+                self.pieces = PiecewiseGraphs(self.fused, device, max_tokens, kv.kv[0].dtype)
+                self.pieces.capture_all()
 
-    def build(self, seqs: list[Sequence], num_new: list[int]) -> tuple[torch.Tensor, torch.Tensor, StepMetadata, list[int]]:
+    def build(self, seqs: list[Sequence], num_new: list[int], pad_to: int | None = None,
+              ) -> tuple[torch.Tensor, torch.Tensor, StepMetadata, list[int]]:
         """Flat tokens (N,), positions (N,), attention metadata, and the flat offsets of the
-        rows whose logits are needed (sequences whose chunk reaches their last known token)."""
+        rows whose logits are needed (sequences whose chunk reaches their last known token).
+        ``pad_to``: rows up to it are padding (token 0, position 0, k/v into the scratch block)."""
         bs = self.block_size
         tokens: list[int] = []
         positions: list[int] = []
@@ -128,6 +144,11 @@ class ModelRunner:
                 dec_ctx.append(start + 1)
             else:
                 prefills.append((off, n, start + n, table[: -(-(start + n) // bs)]))
+        if pad_to is not None and pad_to > len(tokens):
+            pad = pad_to - len(tokens)
+            tokens += [0] * pad
+            positions += [0] * pad
+            slots += [self.kv.scratch_block * bs] * pad
         meta = self._metadata(slots, dec_idx, dec_tables, dec_ctx, prefills)
         dev = self.device
         tok = torch.tensor(tokens, dtype=torch.long).to(dev, non_blocking=True)
@@ -150,8 +171,10 @@ class ModelRunner:
             if ctx_len == q_len:
                 chunks.append(PrefillChunk(off, q_len, ctx_len, None, None))
                 continue
-            qpos = torch.arange(ctx_len - q_len, ctx_len, device=dev)
-            mask = torch.arange(ctx_len, device=dev)[None, :] <= qpos[:, None]  # (q, ctx)
+            mask = None
+            if dev.type != "cuda":  # CUDA uses causal_lower_right (no materialized mask)
+                qpos = torch.arange(ctx_len - q_len, ctx_len, device=dev)
+                mask = torch.arange(ctx_len, device=dev)[None, :] <= qpos[:, None]  # (q, ctx)
             bt = torch.tensor(blocks, dtype=torch.long).to(dev, non_blocking=True)
             chunks.append(PrefillChunk(off, q_len, ctx_len, bt, mask))
         return StepMetadata(slot_mapping, decode_idx, decode_tables, decode_mask, chunks)
@@ -164,7 +187,16 @@ class ModelRunner:
             out = self._graph_decode(seqs)
             if out is not None:
                 return out
+        if self.pieces is not None:
+            t = self.pieces.bucket(sum(num_new))
+            if t is not None:
+                tokens, positions, meta, rows = self.build(seqs, num_new, pad_to=t)
+                x = self.pieces.run(tokens, positions, PagedAttention(self.kv, meta), t)
+                return self._logits(x, rows)
         tokens, positions, meta, rows = self.build(seqs, num_new)
+        return self._forward(tokens, positions, meta, rows)
+
+    def _forward(self, tokens: torch.Tensor, positions: torch.Tensor, meta: StepMetadata, rows: list[int]) -> torch.Tensor:
         fm = self.fused
         attn = PagedAttention(self.kv, meta)
         x = fm.embed(tokens)  # (N, d)
@@ -172,18 +204,50 @@ class ModelRunner:
         for i in range(len(fm.layers)):
             q, k, v = fm.qkv(i, x, cos, sin)
             x = fm.finish(i, x, attn.attend(i, q, k, v))
+        return self._logits(x, rows)
+
+    def _logits(self, x: torch.Tensor, rows: list[int]) -> torch.Tensor:
+        """fp32 logits of the hidden states' ``rows``."""
+        fm = self.fused
         if not rows:
             return x.new_empty((0, self.model.cfg.vocab_size), dtype=torch.float32)
         if len(rows) < x.shape[0]:
             x = x.index_select(0, torch.tensor(rows, dtype=torch.long).to(self.device, non_blocking=True))
         return fm.logits(x)  # (S, V)
 
-    def _graph_decode(self, seqs: list[Sequence]) -> torch.Tensor | None:
+    def _graph_decode(self, seqs: list[Sequence], steps: int = 1) -> torch.Tensor | None:
         bs = self.block_size
         pos = [s.num_computed_tokens for s in seqs]
-        tables = [self.kv.block_tables[s.request_id][: p // bs + 1] for s, p in zip(seqs, pos, strict=False)]
+        tables = [self.kv.block_tables[s.request_id][: (p + steps - 1) // bs + 1] for s, p in zip(seqs, pos, strict=False)]
         if not self.graphs.fits(len(seqs), max(len(t) for t in tables)):
             return None
         toks = [s.token_slice(p, p + 1)[0] for s, p in zip(seqs, pos, strict=False)]
         slots = [t[p // bs] * bs + p % bs for t, p in zip(tables, pos, strict=False)]
-        return self.graphs.run(toks, pos, slots, tables)
+        return self.graphs.run(toks, pos, slots, tables, steps)
+
+    @torch.inference_mode()
+    def decode_steps(self, seqs: list[Sequence], steps: int) -> list[list[int]]:
+        """``steps`` greedy decode steps of ``seqs`` (each one token behind, with KV blocks reserved
+        for ``steps`` more tokens) with no scheduling or sampling in between -> each sequence's new
+        tokens. In CUDA graphs when the batch fits one (the tokens stay on the GPU until the end),
+        else eagerly."""
+        if self.graphs is not None and steps <= self.graphs.max_steps:
+            out = self._graph_decode(seqs, steps)
+            if out is not None:
+                return out.tolist()
+        bs, n = self.block_size, len(seqs)
+        pos = [s.num_computed_tokens for s in seqs]
+        toks = [s.token_slice(p, p + 1)[0] for s, p in zip(seqs, pos, strict=True)]
+        tables = [self.kv.block_tables[s.request_id] for s in seqs]
+        out: list[list[int]] = [[] for _ in seqs]
+        for _ in range(steps):
+            slots = [t[p // bs] * bs + p % bs for t, p in zip(tables, pos, strict=True)]
+            meta = self._metadata(slots, list(range(n)), [t[: p // bs + 1] for t, p in zip(tables, pos, strict=True)],
+                                  [p + 1 for p in pos], [])
+            tok = torch.tensor(toks, dtype=torch.long).to(self.device, non_blocking=True)
+            posn = torch.tensor(pos, dtype=torch.long).to(self.device, non_blocking=True)
+            toks = self._forward(tok, posn, meta, list(range(n))).argmax(dim=-1).tolist()
+            for o, t in zip(out, toks, strict=True):
+                o.append(t)
+            pos = [p + 1 for p in pos]
+        return out

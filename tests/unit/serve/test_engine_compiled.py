@@ -1,6 +1,6 @@
 """The engine's fused forward and its compiled pieces compute what the eager model computes.
 
-The CUDA decode graphs run ``make_decode_layer`` / ``layer_pieces`` through ``torch.compile``;
+The CUDA decode graphs run ``make_decode_layer(compile=True)`` (``layer_pieces`` through ``torch.compile``);
 here they are compiled on the CPU (Inductor C++), which checks the same traced graphs: dynamic
 batch and block-table sizes, the in-place KV write into the caches passed in, GQA expansion.
 """
@@ -37,12 +37,10 @@ def _eager_layer(fm: FusedModel, i, x, pos, kc, vc, slots, tables, mask):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("kv_heads", [2, 4])  # GQA and MHA (4 query heads)
-def test_compiled_decode_layer_and_pieces_match_eager(kv_heads):
+def test_compiled_decode_layer_matches_eager(kv_heads):
     model = tiny_model(n_kv_heads=kv_heads)
-    eager, compiled = FusedModel(model, 256), FusedModel(model, 256)
-    compiled.compile_pieces()
-    layer = torch.compile(make_decode_layer(eager.n_heads, eager.n_kv_heads, eager.head_dim, eager.eps),
-                          dynamic=True, fullgraph=True)
+    eager = FusedModel(model, 256)
+    layer = make_decode_layer(eager.n_heads, eager.n_kv_heads, eager.head_dim, eager.eps, compile=True)
     with torch.inference_mode():
         for seed, (B, nb) in enumerate([(3, 4), (6, 8), (1, 4)]):
             x, pos, kc, vc, slots, tables, mask = _decode_inputs(eager, B, nb, seed)
@@ -53,9 +51,6 @@ def test_compiled_decode_layer_and_pieces_match_eager(kv_heads):
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
             torch.testing.assert_close(kc, want_k, rtol=1e-5, atol=1e-5)  # written in place, elsewhere untouched
             torch.testing.assert_close(vc, want_v, rtol=1e-5, atol=1e-5)
-            kc2, vc2 = want_k.clone(), want_v.clone()
-            torch.testing.assert_close(_eager_layer(compiled, 1, x, pos, kc2, vc2, slots, tables, mask), want,
-                                       rtol=1e-5, atol=1e-5)
 
 
 def test_fused_forward_is_the_model_forward():

@@ -209,3 +209,50 @@ def test_engine_config_validation():
     sized = LLMEngine(tiny_model(), EngineConfig(device="cpu", kv_memory_bytes=1 << 20))
     per = 2 * 2 * 16 * 2 * 16 * 4  # k+v, layers, block, kv heads, head dim, fp32
     assert sized.stats().num_blocks_total == (1 << 20) // per
+
+
+def test_multi_step_decode_matches_reference():
+    """Multi-step decode (bursts of greedy steps with no scheduling in between; the eager runner here,
+    CUDA graphs on a GPU): each request keeps exactly its tokens up to its stop, max_tokens holds,
+    what the bursts computed is registered for prefix reuse, and sampled / logprobs requests never
+    run bursts."""
+    ref = tiny_model()
+    eng = LLMEngine(tiny_model(), EngineConfig(device="cpu", dtype="float32", num_blocks=64, block_size=8,
+                                               num_scheduler_steps=6))
+    bursts: list[int] = []
+    run = eng.runner.decode_steps
+
+    def spy(seqs, steps):
+        bursts.append(steps)
+        for s in seqs:  # blocks for every position the burst computes were reserved
+            assert len(eng.kv.block_tables[s.request_id]) * 8 >= s.num_computed_tokens + steps
+        return run(seqs, steps)
+
+    eng.runner.decode_steps = spy
+    prompts = random_prompts(4, 5, 30, seed=41)
+    full = [reference_greedy(ref, p, 20) for p in prompts]
+    stop = full[1][9]  # request 1 stops at its 10th token, in the middle of a burst
+    g = dict(temperature=0.0)
+    params = [SamplingParams(max_tokens=20, **g), SamplingParams(max_tokens=20, stop_token_ids=[stop], **g),
+              SamplingParams(max_tokens=3, **g), SamplingParams(max_tokens=13, **g)]
+    got = eng.generate(prompts, params)
+    assert [c.token_ids for c in got] == [full[0], full[1][: full[1].index(stop) + 1], full[2][:3], full[3][:13]]
+    assert [c.finish_reason for c in got] == ["length", "stop", "length", "length"]
+    assert bursts and max(bursts) == 6 and min(bursts) >= 2
+    assert eng.stats().generation_tokens == sum(len(c.token_ids) for c in got)
+    # the same prompt + output finds all its full blocks cached, including those the bursts computed
+    again = eng.generate([prompts[0] + full[0]], SamplingParams(max_tokens=1, **g))[0]
+    assert again.num_cached_tokens == (len(prompts[0]) + 20 - 1) // 8 * 8
+    bursts.clear()
+    eng.generate(prompts[:2], [SamplingParams(max_tokens=8, temperature=0.7, seed=1), SamplingParams(max_tokens=8, logprobs=1, **g)])
+    assert bursts == []
+
+
+def test_multi_step_yields_to_waiting_requests():
+    eng = LLMEngine(tiny_model(), EngineConfig(device="cpu", dtype="float32", num_blocks=64, num_scheduler_steps=8))
+    eng.add_request("a", [1, 2, 3], SamplingParams(max_tokens=30, temperature=0.0))
+    eng.step()
+    batch = eng.scheduler.schedule()
+    assert eng._decode_steps(batch) == 8
+    eng.add_request("b", [4, 5, 6], SamplingParams(max_tokens=30, temperature=0.0))  # pending: admit it first
+    assert eng._decode_steps(batch) == 1

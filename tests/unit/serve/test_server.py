@@ -19,8 +19,9 @@ from serve.server import EngineDriver
 def engine() -> LLMEngine:
     torch.manual_seed(0)
     model = Transformer(preset("tiny")).init_weights(0)
+    # one token per step: these tests count steps (multi-step bursts are tested with the engine)
     return LLMEngine(model, EngineConfig(num_blocks=128, max_num_seqs=8, max_num_batched_tokens=128,
-                                         device="cpu", dtype="float32"), eos_token_id=None)
+                                         device="cpu", dtype="float32", num_scheduler_steps=1), eos_token_id=None)
 
 
 async def _collect(driver: EngineDriver, rid: str, prompt: list[int], n: int) -> list[int]:
