@@ -35,16 +35,17 @@ class FetchCostConfig(StrictModel):
     Recompute: ``seconds = a + b * tokens``, fitted to the engine's prefill steps; fetching n blocks
     saves the marginal ``b * n * block_size`` (the fixed part of a step is paid anyway: at least one
     token is always computed). Fetch: ``seconds = latency + bytes / bytes_per_s``, fitted to the
-    batched fetches (store get + verify + import). Both fits weight recent observations
+    batched fetches (worker hand-off + store get + verify + import). Both fits weight recent observations
     exponentially; the priors below are used until there is data, and reproduce the plain
     ``min_fetch_blocks`` behaviour on a CPU engine (the ``small`` model recomputes ~100-200 us per
     token there, a fetch from memory costs ~0.3 ms + 1 ms/MB). ``python -m serve.kv.bench`` prints
     the fitted estimates and the break-even they imply."""
 
     safety_factor: float = Field(
-        1.2,
+        1.5,
         ge=1.0,
-        description="Fetch only if predicted fetch time x this < predicted recompute time saved.",
+        description="Fetch only if predicted fetch time x this < predicted recompute time saved (a linear "
+        "fit overstates what a short prefix costs to recompute; near break-even both are the same TTFT).",
     )
     window: int = Field(
         32,

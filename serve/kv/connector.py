@@ -10,7 +10,8 @@ The engine calls three hooks (all optional: an engine without a connector is unc
   skips the blocks the local pool already has, and, if at least ``min_fetch_blocks`` blocks
   remain and the fetch policy says so, asks the store for them in ONE batched ``get`` and
   verifies the leading run of hits (key echo, layout, dtype, length, checksum). The fetch
-  overlaps with the request's queueing.
+  overlaps with the request's queueing. (When the policy would not fetch even all of the prompt's
+  blocks, that is decided at once, with no worker.)
 - ``load(seq)`` at admission (the step thread, before the local prefix match): waits for that
   fetch until ``fetch_timeout_s`` after arrival at the latest, then imports the verified blocks
   into the pool as cached blocks, so the prefix match that follows finds them.
@@ -22,8 +23,8 @@ blocks. ``cost`` (the default) fetches only when ``FetchCostModel`` predicts tha
 cheaper than recomputing: a GPU prefills a 1k-token prefix in a few ms, less than moving its
 ~40 MB of KV through a store (LMCache#914: a shared cache slower than recompute), while on a CPU
 the store wins by 20x and more. The model learns both sides online: the engine's prefill steps
-(``a + b * tokens``; fetching saves ``b * tokens``) and this connector's own fetches (get + verify
-+ import: ``latency + bytes / throughput``). Skipped candidates are counted; after a run of skips
+(``a + b * tokens``; fetching saves ``b * tokens``) and this connector's own fetches (worker
+hand-off + get + verify + import: ``latency + bytes / throughput``). Skipped candidates are counted; after a run of skips
 one is fetched anyway (a probe: after 1 skip, then 2, 4, .. up to ``fetch_cost.probe_every``),
 which restarts the fetch estimate from its fresh measurement, so that a store that got faster, or
 one slow first call, does not keep the connector recomputing.
@@ -170,11 +171,17 @@ class FetchCostModel:
         with self._lock:
             return self.fetch(nbytes), self.recompute.b * tokens
 
-    def decide(self, tokens: int, nbytes: int) -> FetchDecision:
-        """Fetch ``tokens`` tokens' blocks (``nbytes`` of records) or recompute them?"""
+    def decide(self, tokens: int, nbytes: int, *, upfront: bool = False) -> FetchDecision | None:
+        """Fetch ``tokens`` tokens' blocks (``nbytes`` of records) or recompute them?
+
+        ``upfront``: the most a request could fetch, before its local prefix is known. A skip (or
+        probe) then holds for any fewer blocks too (fetching wins from a break-even size up, if
+        ever); where fetching the most wins, None: the fetch worker decides on what remains."""
         with self._lock:
             fetch_s, saved_s = self.fetch(nbytes), self.recompute.b * tokens
             if self.policy == "always" or fetch_s * self.cfg.safety_factor < saved_s:
+                if upfront:
+                    return None
                 self.skips, self.probe_after = 0, 1
                 return FetchDecision(True, "fetch", fetch_s, saved_s)
             if self.skips >= self.probe_after:
@@ -214,6 +221,9 @@ class _Attempt:
     nbytes = 0  # expected record bytes of a fetch in flight (0: none started)
     probe = False
 
+    def __init__(self) -> None:
+        self.submitted = time.perf_counter()  # the fetch's cost includes waiting for a worker
+
 
 @dataclass
 class _Fetch:
@@ -232,7 +242,7 @@ class _Fetched:
     k: torch.Tensor
     v: torch.Tensor
     nbytes: int  # record bytes received
-    seconds: float  # store get + verify (load adds the import)
+    seconds: float  # from submission: worker hand-off, store get, verify (load adds the import)
     probe: bool
 
 
@@ -364,9 +374,12 @@ class KVConnector:
             raise ValueError(f"observe_prefill: seconds must be finite and >= 0, got {seconds!r}")
         self.cost.observe_prefill(num_tokens, seconds)
 
-    def decide(self, num_blocks: int) -> FetchDecision:
-        """The policy's decision for ``num_blocks`` candidate blocks now (counts a skip toward a probe)."""
-        return self.cost.decide(num_blocks * self.layout.block_size, num_blocks * self.layout.record_bytes)
+    def decide(self, num_blocks: int, *, upfront: bool = False) -> FetchDecision | None:
+        """The policy's decision for ``num_blocks`` candidate blocks now (counts a skip toward a probe);
+        ``upfront``: see ``FetchCostModel.decide``."""
+        return self.cost.decide(
+            num_blocks * self.layout.block_size, num_blocks * self.layout.record_bytes, upfront=upfront
+        )
 
     def predict(self, num_blocks: int) -> tuple[float, float]:
         """(predicted fetch seconds, predicted recompute seconds saved) for ``num_blocks`` blocks now."""
@@ -404,9 +417,15 @@ class KVConnector:
         if max_blocks < self.cfg.min_fetch_blocks:
             self._count(fetch_skipped=1)
             return
+        # a sure skip is decided here, so that the request does not wait at admission for a worker
+        # to say so (on a fast GPU that hand-off would be a visible part of the recompute it chose)
+        upfront = self.decide(max_blocks, upfront=True)
+        if upfront is not None and not upfront.fetch:
+            self._count_decision(upfront.reason)
+            return
         tokens = list(seq.prompt_token_ids[: max_blocks * self.layout.block_size])
         attempt = _Attempt()
-        fut = self._pool.submit(self._fetch, tokens, seq.salt, attempt)
+        fut = self._pool.submit(self._fetch, tokens, seq.salt, attempt, upfront)
         with self._fetch_lock:
             self._sweep()
             now = time.monotonic()
@@ -418,23 +437,24 @@ class KVConnector:
         for rid in [r for r, f in self._fetches.items() if f.deadline < stale]:
             self._fetches.pop(rid).future.cancel()
 
-    def _fetch(self, tokens: list[int], salt: str | None, attempt: _Attempt) -> _Fetched | None:
-        """Worker thread: decide, then one batched get for the blocks beyond the local prefix;
-        verified or None."""
+    def _fetch(
+        self, tokens: list[int], salt: str | None, attempt: _Attempt, probe: FetchDecision | None
+    ) -> _Fetched | None:
+        """Worker thread: decide (unless ``prefetch`` already decided on a probe), then one batched
+        get for the blocks beyond the local prefix; verified or None."""
         hashes = block_hashes(tokens, self.layout.block_size, self.kv.model_id, salt)
         local = self.kv.cached_prefix_length(hashes)  # a racy read is fine: it only trims the request
         want = hashes[local:]
         if len(want) < self.cfg.min_fetch_blocks:
             self._count(fetch_skipped=1)
             return None
-        decision = self.decide(len(want))
+        decision = probe or self.decide(len(want))
         self._count_decision(decision.reason)
         if not decision.fetch:
             return None
         attempt.nbytes, attempt.probe = len(want) * self.layout.record_bytes, decision.reason == "probe"
         keys = make_keys(self.namespace, want)
         self._count(fetch_requests=1)
-        t0 = time.perf_counter()
         records = self.store.get(keys)
         n = 0
         while n < len(records) and records[n] is not None:
@@ -448,7 +468,8 @@ class KVConnector:
             log.warning("kv store returned a bad block; recomputing the prefix: %s", e)
             return None
         self._count(fetched_blocks=n)
-        return _Fetched(want[:n], k, v, n * self.layout.record_bytes, time.perf_counter() - t0, attempt.probe)
+        seconds = time.perf_counter() - attempt.submitted
+        return _Fetched(want[:n], k, v, n * self.layout.record_bytes, seconds, attempt.probe)
 
     def load(self, seq: Any) -> int:
         """Step thread, at admission: import the request's fetched blocks (waiting at most until its

@@ -136,6 +136,8 @@ def test_decision_compares_fetch_time_with_recompute_saved():
     d = m.decide(tokens=1024, nbytes=10_000_000)  # 11 ms * 1.5 > 10.2 ms
     assert not d.fetch and d.reason == "skip_cost"
     assert d.fetch_s == pytest.approx(11e-3) and d.saved_s == pytest.approx(10.24e-3)
+    assert m.decide(tokens=1024, nbytes=1_000_000, upfront=True) is None  # the worker decides what remains
+    assert m.decide(tokens=1024, nbytes=10_000_000, upfront=True).reason == "probe"  # after 1 skip
     # break-even at 1 MB per block of 100 tokens: 1.5 * (1 ms + n ms) < n ms never holds
     assert m.break_even_blocks(block_size=100, record_bytes=1_000_000) is None
     assert m.break_even_blocks(block_size=100, record_bytes=100_000) == 2  # 1.5 * (1 + 0.1n) < n from n = 2
