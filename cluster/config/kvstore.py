@@ -36,10 +36,11 @@ class FetchCostConfig(StrictModel):
     saves the marginal ``b * n * block_size`` (the fixed part of a step is paid anyway: at least one
     token is always computed). Fetch: ``seconds = latency + bytes / bytes_per_s``, fitted to the
     batched fetches (worker hand-off + store get + verify + import). Both fits weight recent observations
-    exponentially; the priors below are used until there is data, and reproduce the plain
-    ``min_fetch_blocks`` behaviour on a CPU engine (the ``small`` model recomputes ~100-200 us per
-    token there, a fetch from memory costs ~0.3 ms + 1 ms/MB). ``python -m serve.kv.bench`` prints
-    the fitted estimates and the break-even they imply."""
+    exponentially. Until its first fetch was measured the connector fetches every candidate (the
+    plain ``min_fetch_blocks`` behaviour); the priors below stand in for slopes the data does not
+    determine yet (the ``small`` model recomputes ~100-200 us per token on a CPU core; a fetch from
+    memory costs ~0.3 ms + 1 ms/MB). ``python -m serve.kv.bench`` prints the fitted estimates and
+    the break-even they imply."""
 
     safety_factor: float = Field(
         1.5,
@@ -61,11 +62,11 @@ class FetchCostConfig(StrictModel):
     prior_recompute_s_per_token: float = Field(
         1e-4, gt=0, description="Marginal prefill seconds per token until the engine reported a step."
     )
-    prior_fetch_latency_s: float = Field(
-        1e-3, ge=0, description="Fixed seconds of a batched fetch until one was measured."
-    )
     prior_fetch_bytes_per_s: float = Field(
-        1e9, gt=0, description="Fetch throughput (get + verify + import) until one was measured."
+        1e9,
+        gt=0,
+        description="Fetch throughput (get + verify + import) assumed until fetches of different sizes "
+        "were measured (until the first fetch, every candidate is fetched).",
     )
 
 

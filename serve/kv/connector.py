@@ -24,7 +24,8 @@ cheaper than recomputing: a GPU prefills a 1k-token prefix in a few ms, less tha
 ~40 MB of KV through a store (LMCache#914: a shared cache slower than recompute), while on a CPU
 the store wins by 20x and more. The model learns both sides online: the engine's prefill steps
 (``a + b * tokens``; fetching saves ``b * tokens``) and this connector's own fetches (worker
-hand-off + get + verify + import: ``latency + bytes / throughput``). Skipped candidates are counted; after a run of skips
+hand-off + get + verify + import: ``latency + bytes / throughput``). Until it has measured a fetch
+it fetches (today's behaviour; the first fetch teaches it what the store costs). Skipped candidates are counted; after a run of skips
 one is fetched anyway (a probe: after 1 skip, then 2, 4, .. up to ``fetch_cost.probe_every``),
 which restarts the fetch estimate from its fresh measurement, so that a store that got faster, or
 one slow first call, does not keep the connector recomputing.
@@ -148,7 +149,8 @@ class FetchCostModel:
     def __init__(self, cfg: FetchCostConfig, policy: str = "cost") -> None:
         self.cfg, self.policy = cfg, policy
         self.recompute = EWLinearFit(0.0, cfg.prior_recompute_s_per_token, cfg.window)  # tokens -> s
-        self.fetch = EWLinearFit(cfg.prior_fetch_latency_s, 1.0 / cfg.prior_fetch_bytes_per_s, cfg.window)  # B -> s
+        self.fetch = EWLinearFit(0.0, 1.0 / cfg.prior_fetch_bytes_per_s, cfg.window)  # bytes -> s
+        self.fetches_measured = 0  # until the first, every candidate is fetched: the store is unknown
         # cost skips since the last fetch or probe, and how many make a probe: 1 after a fetch, doubling
         # up to probe_every while probes keep confirming (one slow first call must not stick for long)
         self.skips, self.probe_after = 0, 1
@@ -165,6 +167,7 @@ class FetchCostModel:
             if probe:
                 self.fetch.reset()
             self.fetch.observe(nbytes, seconds)
+            self.fetches_measured += 1
 
     def predict(self, tokens: int, nbytes: int) -> tuple[float, float]:
         """(seconds to fetch ``nbytes`` of records, prefill seconds that saves for ``tokens`` tokens)."""
@@ -179,7 +182,7 @@ class FetchCostModel:
         ever); where fetching the most wins, None: the fetch worker decides on what remains."""
         with self._lock:
             fetch_s, saved_s = self.fetch(nbytes), self.recompute.b * tokens
-            if self.policy == "always" or fetch_s * self.cfg.safety_factor < saved_s:
+            if self.policy == "always" or not self.fetches_measured or fetch_s * self.cfg.safety_factor < saved_s:
                 if upfront:
                     return None
                 self.skips, self.probe_after = 0, 1
@@ -194,7 +197,7 @@ class FetchCostModel:
         """The fewest blocks the policy fetches at the current estimates (None: never, bar probes)."""
         with self._lock:
             gain = self.recompute.b * block_size - self.cfg.safety_factor * self.fetch.b * record_bytes
-            if self.policy == "always":
+            if self.policy == "always" or not self.fetches_measured:
                 return 1
             if gain <= 0:
                 return None
@@ -209,7 +212,8 @@ class FetchCostModel:
                 "recompute_samples": self.recompute.n,
                 "fetch_latency_s": self.fetch.a,
                 "fetch_bytes_per_s": 1.0 / self.fetch.b if self.fetch.b > 0 else None,
-                "fetch_samples": self.fetch.n,
+                "fetch_samples": self.fetch.n,  # since the last probe
+                "fetches_measured": self.fetches_measured,
                 "skips_since_probe": self.skips,
                 "probe_after_skips": self.probe_after,
             }
