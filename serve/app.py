@@ -41,22 +41,6 @@ from serve.router import router_options
 MODEL_SERVER = "ModelServer"
 INGRESS = "Ingress"
 
-# Ray Serve settings for our replicas' request path (runtime_env env_vars of every deployment, so
-# they hold wherever the app runs: `retort serve deploy`, `serve run`, tests). Both are Ray 2.60
-# flags that ``RAY_SERVE_THROUGHPUT_OPTIMIZED=1`` also turns on (ray/serve/_private/constants.py);
-# measured with ``python -m serve.bench_http`` (both variants in one run):
-# * RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD=0: our handlers and the engine loop run on the
-#   replica's own event loop instead of a second thread's, so no cross-thread hand-off per request
-#   (the engine's long steps still run in their worker thread, see serve.server.EngineDriver).
-# * RAY_SERVE_USE_GRPC_BY_DEFAULT=1: DeploymentHandle calls made in the replica (split: ingress ->
-#   model server) go over Serve's direct gRPC channel instead of Ray actor calls.
-# The proxy's own hop to the replica is set by the cluster's environment, not here
-# (RAY_SERVE_PROXY_USE_GRPC, set by `retort up`: cluster/ray_head.py).
-SERVE_ENV: dict[str, str] = {
-    "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
-    "RAY_SERVE_USE_GRPC_BY_DEFAULT": "1",
-}
-
 
 def load_serve_config(args: dict[str, Any] | None) -> ServeConfig:
     """``build_app`` args -> a validated ``ServeConfig`` (one-line ConfigError otherwise)."""
@@ -102,26 +86,15 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
 
     cfg = pin_model(load_serve_config(args))
     config = cfg.model_dump(mode="json")
-    options = with_serve_env(model_server_options(cfg))
+    options = model_server_options(cfg)
     if cfg.topology == "collocated":
         return serve.deployment(Ingress, name=MODEL_SERVER).options(**collocated_options(cfg, options)).bind(None, config)
     routing = router_options(cfg.router, cfg.engine.block_size)  # cache-aware router when configured
     if routing is not None:
         options["request_router_config"] = routing
     server = serve.deployment(ModelServer, name=MODEL_SERVER).options(**options).bind(config)
-    ingress = serve.deployment(Ingress, name=INGRESS).options(**with_serve_env(ingress_options(cfg)))
+    ingress = serve.deployment(Ingress, name=INGRESS).options(**ingress_options(cfg))
     return ingress.bind(server, config)
-
-
-def with_serve_env(options: dict[str, Any], env: dict[str, str] | None = None) -> dict[str, Any]:
-    """``options`` with ``env`` (default ``SERVE_ENV``) added to its ``ray_actor_options.runtime_env.env_vars``;
-    variables the options already set win."""
-    env = SERVE_ENV if env is None else env
-    actor = dict(options.get("ray_actor_options") or {})
-    runtime_env = dict(actor.get("runtime_env") or {})
-    runtime_env["env_vars"] = {**env, **(runtime_env.get("env_vars") or {})}
-    actor["runtime_env"] = runtime_env
-    return {**options, "ray_actor_options": actor}
 
 
 def collocated_options(cfg: ServeConfig, options: dict[str, Any]) -> dict[str, Any]:

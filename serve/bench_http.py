@@ -14,11 +14,11 @@ temporary registry), prompt and ``max_tokens`` are measured on this machine, one
   ``split`` = proxy -> ingress replica -> model-server replica (DeploymentHandle);
   ``collocated`` = proxy -> model-server replica serving HTTP itself.
 
-Every HTTP path is measured twice, as two sets of apps behind the same proxy: ``tuned`` (our
-replicas' Serve settings, ``serve.app.SERVE_ENV``, the default) and ``serve defaults`` (none of
-them), each with its own floor. The proxy's hop is the cluster's: ``--proxy-grpc`` (default, what
-``retort up`` sets) starts this benchmark's Ray with ``RAY_SERVE_PROXY_USE_GRPC=1``, ``--no-proxy-grpc``
-without it; compare the two in separate runs.
+The proxy's hop is the cluster's setting: ``--proxy-grpc`` (default, what ``retort up`` sets)
+starts this benchmark's Ray with ``RAY_SERVE_PROXY_USE_GRPC=1``, ``--no-proxy-grpc`` without it
+(compare the two in separate runs). ``--replica-env KEY=VALUE`` (repeatable) measures every path a
+second time in the same run, behind the same proxy, with Serve env vars on all its replicas
+(runtime_env), e.g. ``RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD=0``; each variant has its own floor.
 
 The HTTP paths are measured in interleaved rounds so that load from other processes on a shared
 machine falls on all of them alike; the load average is printed. Overhead = HTTP p50 - direct p50.
@@ -38,7 +38,6 @@ WARMUP = 10
 ROUNDS = 5
 FLOOR_GET = "serve floor: constant, GET"
 FLOOR_POST = "serve floor: constant, POST body"
-VARIANTS = ("tuned", "serve defaults")  # with serve.app.SERVE_ENV on the replicas, without
 PROXY_GRPC_ENV = "RAY_SERVE_PROXY_USE_GRPC"
 
 
@@ -126,16 +125,17 @@ def bench_http(paths: dict[str, tuple[str, str, dict | None]], n: int) -> dict[s
 
 
 def measure_http_overhead(n: int = 300, preset: str = "tiny", max_tokens: int = 1, prefix_caching: bool = False,
-                          proxy_grpc: bool = True) -> dict[str, Any]:
+                          proxy_grpc: bool = True, variants: dict[str, dict[str, str]] | None = None) -> dict[str, Any]:
     """Latencies (seconds) of one completion: direct engine call vs HTTP through Serve, both
-    topologies, each with our replicas' Serve settings (``tuned``) and without (``serve defaults``)."""
+    topologies, for each variant (name -> env vars of its replicas; default: ``app``, none), all
+    behind the same proxy."""
     import ray
     import torch
     from ray import serve
 
-    import serve.app as serve_app
     from cluster.config.serve import ServeConfig
     from cluster.net import free_port
+    from serve.app import build_app
 
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp:
@@ -160,36 +160,34 @@ def measure_http_overhead(n: int = 300, preset: str = "tiny", max_tokens: int = 
                 os.environ.pop(PROXY_GRPC_ENV)
             else:
                 os.environ[PROXY_GRPC_ENV] = saved
-        tuned_env = dict(serve_app.SERVE_ENV)
+        variants = variants if variants is not None else {"app": {}}
         paths: dict[str, tuple[str, str, dict | None]] = {}
         try:
             serve.start(http_options={"host": "127.0.0.1", "port": port})
             url = f"http://127.0.0.1:{port}"
-            for variant, env in zip(VARIANTS, (tuned_env, {}), strict=True):
+            for variant, env in variants.items():
                 slug = variant.replace(" ", "-")
-                serve_app.SERVE_ENV = env  # what build_app puts in the replicas' runtime_env
                 base = {"const": f"{url}/{slug}-const"}
                 serve.run(_constant_app(env), name=f"{slug}-const", route_prefix=f"/{slug}-const")
                 for topo in ("split", "collocated"):
                     name = f"{slug}-{topo}"
                     app_cfg = cfg.model_copy(update={"app_name": name, "route_prefix": f"/{name}", "topology": topo})
-                    serve.run(serve_app.build_app({"serve_config": app_cfg.model_dump(mode="json")}), name=name,
-                              route_prefix=f"/{name}")
+                    app = build_app({"serve_config": app_cfg.model_dump(mode="json")})
+                    serve.run(_with_env(app, env), name=name, route_prefix=f"/{name}")
                     base[topo] = f"{url}/{name}"
                 paths.update(_paths(base, max_tokens, variant))
             http = bench_http(paths, n)
         finally:
-            serve_app.SERVE_ENV = tuned_env
             serve.shutdown()
             ray.shutdown()
     return {"n": n, "preset": preset, "max_tokens": max_tokens, "load": (load_before, os.getloadavg()),
-            "cores": os.cpu_count(), "proxy_grpc": proxy_grpc, "tuned_env": tuned_env, "direct": direct, **http}
+            "cores": os.cpu_count(), "proxy_grpc": proxy_grpc, "variants": variants, "direct": direct, **http}
 
 
 def _constant_app(env: dict[str, str]) -> Any:
     """Serve's floor: a FastAPI ingress (like ours; a plain ``__call__`` deployment measured slower
     here) whose routes answer a constant; the POST route reads the body first, as ours do. ``env``:
-    the replica's Serve settings, as ``serve.app.with_serve_env`` gives our deployments."""
+    env vars of the replica, as ``_with_env`` gives our app's replicas in the same variant."""
     from fastapi import (  # no `from __future__ import annotations` here: FastAPI reads the hints
         FastAPI,
         Request,
@@ -198,9 +196,7 @@ def _constant_app(env: dict[str, str]) -> Any:
 
     api = FastAPI()
 
-    from serve.app import with_serve_env
-
-    @serve.deployment(name="Constant", **with_serve_env({"ray_actor_options": {"num_cpus": 0.1}}, env))
+    @serve.deployment(name="Constant", ray_actor_options=_actor_options_with_env({"num_cpus": 0.1}, env))
     @serve.ingress(api)
     class Constant:
         @api.get("/")
@@ -215,20 +211,37 @@ def _constant_app(env: dict[str, str]) -> Any:
     return Constant.bind()
 
 
+def _actor_options_with_env(actor_options: dict[str, Any], env: dict[str, str]) -> dict[str, Any]:
+    runtime_env = dict(actor_options.get("runtime_env") or {})
+    runtime_env["env_vars"] = {**(runtime_env.get("env_vars") or {}), **env}
+    return {**actor_options, "runtime_env": runtime_env}
+
+
+def _with_env(app: Any, env: dict[str, str]) -> Any:
+    """The application graph ``app`` with ``env`` in every deployment's runtime_env (rebound as built)."""
+    if not env:
+        return app
+    dep = app._bound_deployment
+    args = [_with_env(a, env) if hasattr(a, "_bound_deployment") else a for a in dep.init_args]
+    return dep.options(ray_actor_options=_actor_options_with_env(dep.ray_actor_options or {}, env)).bind(
+        *args, **dep.init_kwargs)
+
+
 def format_table(r: dict[str, Any]) -> str:
     ms = 1000.0
     d50, d99 = _pct(r["direct"], 0.5), _pct(r["direct"], 0.99)
     (b1, b5, b15), (a1, a5, a15) = r["load"]
-    env = " ".join(f"{k}={v}" for k, v in r["tuned_env"].items()) or "none"
+    envs = "; ".join(f"[{name}] replicas: " + (" ".join(f"{k}={v}" for k, v in env.items()) or "none")
+                     for name, env in r["variants"].items())
     lines = [f"{r['max_tokens']}-token completion, {r['preset']} model, {r['n']} sequential requests per path "
              f"({ROUNDS} interleaved rounds)",
              f"load average before {b1:.2f} {b5:.2f} {b15:.2f}, after {a1:.2f} {a5:.2f} {a15:.2f} ({r['cores']} cores)",
              f"proxy -> replica: {'gRPC' if r['proxy_grpc'] else 'Ray actor calls'} ({PROXY_GRPC_ENV}="
-             f"{int(r['proxy_grpc'])}); [tuned] replicas: {env}; [serve defaults] replicas: none", "",
+             f"{int(r['proxy_grpc'])}); {envs}", "",
              f"{'path':<55}{'p50 ms':>9}{'p99 ms':>9}{'p50 x direct':>14}{'p50 - direct':>14}{'p50 - floor':>13}",
              "-" * 114,
              f"{'direct engine call (in-process)':<55}{d50 * ms:>9.2f}{d99 * ms:>9.2f}{'1.0x':>14}{'-':>14}{'-':>13}"]
-    for variant in VARIANTS:
+    for variant in r["variants"]:
         tag = f"[{variant}] "
         floors = {"GET": _pct(r[tag + FLOOR_GET], 0.5), "POST": _pct(r[tag + FLOOR_POST], 0.5)}
         for name, xs in r.items():
@@ -254,11 +267,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--preset", default="tiny", help="model preset (random weights)")
     p.add_argument("--proxy-grpc", action=argparse.BooleanOptionalAction, default=True,
                    help=f"proxy -> replica over gRPC ({PROXY_GRPC_ENV}=1, as `retort up` sets) or Ray actor calls")
+    p.add_argument("--replica-env", action="append", default=[], metavar="KEY=VALUE",
+                   help="also measure every path with this env var on all replicas (repeatable), same run")
     args = p.parse_args(argv)
     if args.requests < 1 or args.max_tokens < 1:
         p.error("--requests and --max-tokens must be >= 1")
+    bad = [kv for kv in args.replica_env if "=" not in kv or not kv.split("=", 1)[0]]
+    if bad:
+        p.error(f"--replica-env takes KEY=VALUE, got {bad[0]!r}")
+    variants = {"app": {}}
+    if args.replica_env:
+        variants["replica env"] = dict(kv.split("=", 1) for kv in args.replica_env)
     print(format_table(measure_http_overhead(args.requests, args.preset, args.max_tokens,
-                                             proxy_grpc=args.proxy_grpc)))
+                                             proxy_grpc=args.proxy_grpc, variants=variants)))
     return 0
 
 

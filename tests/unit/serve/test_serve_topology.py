@@ -10,7 +10,7 @@ import pytest
 
 from cluster.config.serve import ServeConfig
 from cluster.errors import ConfigError
-from serve.app import INGRESS, MODEL_SERVER, build_app, collocated_options, load_serve_config, with_serve_env
+from serve.app import INGRESS, MODEL_SERVER, build_app, collocated_options, load_serve_config
 from serve.autoscale import model_server_options
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "integration"))
@@ -67,19 +67,18 @@ def test_build_app_per_topology(registry, topology, expected):
     assert topology == "split" or server.init_args[0] is None
 
 
-@pytest.mark.parametrize("topology", ["split", "collocated"])
-def test_every_deployment_gets_the_serve_request_path_env(registry, topology):
-    """SERVE_ENV reaches every replica through its runtime_env (Serve reads these flags in the
-    replica process); variables the options already set win over ours."""
-    args = {"registry.root": str(registry), "registry.cache_dir": str(registry / ".cache"), "topology": topology}
-    for dep in _deployments(build_app(args)).values():
-        env = dep.ray_actor_options["runtime_env"]["env_vars"]
-        assert env["RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD"] == "0"
-        assert env["RAY_SERVE_USE_GRPC_BY_DEFAULT"] == "1"
-        assert dep.ray_actor_options["num_cpus"] > 0  # the resources are kept
-    mine = {"ray_actor_options": {"num_cpus": 1, "runtime_env": {"env_vars": {"RAY_SERVE_USE_GRPC_BY_DEFAULT": "0"},
-                                                                 "pip": ["x"]}}}
-    out = with_serve_env(mine)["ray_actor_options"]
-    assert out["runtime_env"]["env_vars"]["RAY_SERVE_USE_GRPC_BY_DEFAULT"] == "0" and out["runtime_env"]["pip"] == ["x"]
-    assert out["runtime_env"]["env_vars"]["RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD"] == "0"
-    assert mine["ray_actor_options"]["runtime_env"]["env_vars"] == {"RAY_SERVE_USE_GRPC_BY_DEFAULT": "0"}  # not mutated
+
+def test_bench_http_puts_replica_env_on_every_deployment(registry):
+    """``python -m serve.bench_http --replica-env K=V`` measures a variant whose replicas all carry K=V."""
+    from serve.bench_http import _with_env
+
+    args = {"registry.root": str(registry), "registry.cache_dir": str(registry / ".cache"), "topology": "split"}
+    env = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"}
+    before = _deployments(build_app(args))
+    after = _deployments(_with_env(build_app(args), env))
+    assert set(after) == {INGRESS, MODEL_SERVER}
+    for name, dep in after.items():
+        assert dep.ray_actor_options["runtime_env"]["env_vars"] == env
+        assert dep.ray_actor_options["num_cpus"] == before[name].ray_actor_options["num_cpus"]
+        assert dep._deployment_config.max_ongoing_requests == before[name]._deployment_config.max_ongoing_requests
+    assert "runtime_env" not in (before[MODEL_SERVER].ray_actor_options or {})  # the app itself sets none
