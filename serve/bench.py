@@ -124,22 +124,45 @@ def decode_step_us(engine: LLMEngine, prompt: list[int], steps: int) -> tuple[fl
     return (time.perf_counter() - t) * 1e6 / n, (time.process_time() - c) * 1e6 / n
 
 
-def graph_replay_us(engine: LLMEngine, batch: int, reps: int = 200) -> float | None:
-    """GPU time (µs) of one captured decode step (batch ``batch``, the smallest block bucket): the
-    device-side floor of a step, without any host work."""
+def graph_replay_us(engine: LLMEngine, batch: int, ctx: int, reps: int = 200) -> float | None:
+    """GPU time (µs) of one captured decode step of ``batch`` real sequences at context ``ctx``: the
+    device-side floor of a step, without any host work. (The graph advances its own inputs; they are
+    restored before each replay, a 2 µs copy included in the time.)"""
     g = engine.runner.graphs
     if g is None or batch > g.batch_sizes[-1]:
         return None
-    b = g.batch_sizes[bisect.bisect_left(g.batch_sizes, batch)]
-    graph, _ = g.graphs[(b, g.block_counts[0])]
-    for _ in range(10):
-        graph.replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(reps):
-        graph.replay()
-    end.record()
-    torch.cuda.synchronize()
+    prompts = prompts_for(batch, ctx - 1, engine.vocab_size, 5)
+    ids = [f"replay-{i}" for i in range(batch)]
+    for rid, p in zip(ids, prompts, strict=True):
+        engine.add_request(rid, p, SamplingParams(max_tokens=64, temperature=0.0, ignore_eos=True))
+    while True:  # prefill until each sequence has its first token (not yet computed)
+        engine.step()
+        seqs = [engine._seqs.get(r) for r in ids]
+        if any(s is None for s in seqs):  # one finished before the last was prefilled: no steady batch
+            for r in ids:
+                engine.abort(r)
+            engine.step()
+            return None
+        if all(s.output_token_ids for s in seqs):
+            break
+    for s in seqs:  # the block of the position this step writes (the scheduler's job in a real step)
+        engine.kv.allocate(s, 1)
+    with torch.inference_mode():
+        engine.runner._graph_decode(seqs)  # fills the graph's inputs for this batch
+        saved = g.inputs.clone()
+        graph = g.graphs[(g.batch_sizes[bisect.bisect_left(g.batch_sizes, batch)],
+                          g.block_counts[bisect.bisect_left(g.block_counts, -(-ctx // engine.kv.block_size))])][0]
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        for i in range(reps + 10):
+            if i == 10:
+                start.record()
+            g.inputs.copy_(saved)
+            graph.replay()
+        end.record()
+        torch.cuda.synchronize()
+    for r in ids:
+        engine.abort(r)
+    engine.step()
     return start.elapsed_time(end) * 1e3 / reps
 
 
@@ -290,10 +313,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"| time per output token, batch 1 (µs wall; engine CPU {dec_cpu_us:,.0f}) | {dec_us:,.0f} | {d1:,.0f} "
           f"| {hf1.get('HF static cache', float('nan')):,.0f} | HF default / engine = {d1 / dec_us:.2f} |")
     for b in (1, 64):
-        us = graph_replay_us(engine, b) if device.type == "cuda" else None
+        us = graph_replay_us(engine, b, args.prompt_len + out_len // 2) if device.type == "cuda" else None
         if us is not None:
             graph_us[b] = us
-            print(f"| one decode step's GPU time, batch {b} (µs, CUDA-graph replay) | {us:,.0f} | | | |")
+            print(f"| one decode step's GPU time, batch {b}, context {args.prompt_len + out_len // 2} (µs, CUDA-graph "
+                  f"replay) | {us:,.0f} | | | |")
     print(f"| TTFT, {args.prefix_len}-token prefix: miss vs hit (ms) | miss {miss:.1f} / hit {hit:.1f} | | | {miss / hit:.1f}× lower on hit |")
     if args.json:
         res = dict(args=vars(args), rows=[asdict(r) for r in rows], decode_step_us=dec_us, decode_step_cpu_us=dec_cpu_us, graph_replay_us=graph_us, prefix_miss_ms=miss, prefix_hit_ms=hit)

@@ -47,8 +47,9 @@ def additive_mask(keep: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 class DecodeGraphs:
     def __init__(self, fused: FusedModel, kv: KVCacheManager, device: torch.device, max_batch: int, max_blocks: int,
-                 compile: bool = True, max_steps: int = 1) -> None:
+                 compile: bool = True, max_steps: int = 1, paged: bool = False) -> None:
         self.fused, self.kv, self.device = fused, kv, device
+        self.paged = paged  # decode attention with the Triton kernel (no gathered copy, no mask)
         self.batch_sizes = buckets(max_batch, [1, 2, 4, 8, 16, 24, 32, 48, 64])
         self.block_counts = buckets(max_blocks, [4, 8, 16, 32])
         B, NB = self.batch_sizes[-1], self.block_counts[-1]
@@ -69,7 +70,8 @@ class DecodeGraphs:
         self.layer_fn = None
         self.chosen: dict[tuple[int, int], str] = {}  # bucket -> "compiled" | "eager", when both were captured
         if self.layer_weights:
-            self.layer_fn = make_decode_layer(fused.n_heads, fused.n_kv_heads, fused.head_dim, fused.eps, compile=True)
+            self.layer_fn = make_decode_layer(fused.n_heads, fused.n_kv_heads, fused.head_dim, fused.eps, compile=True,
+                                              paged=paged)
 
     def _pad_inputs(self) -> None:
         """Every row padding: token 0 at position 0 of the scratch block (what capture and the
@@ -144,14 +146,15 @@ class DecodeGraphs:
             inp = self.inputs[:b]
             tokens, positions, slots, ctx = inp[:, 0], inp[:, 1], inp[:, 2].contiguous(), inp[:, 3]
             tables = inp[:, 4 : 4 + nb].contiguous()  # (b, nb)
-            mask = additive_mask(torch.arange(nb * bs, device=self.device)[None, :] < ctx[:, None], self.kv.kv[0].dtype)
+            mask = None if self.paged else additive_mask(torch.arange(nb * bs, device=self.device)[None, :] < ctx[:, None],
+                                                         self.kv.kv[0].dtype)
             x = fm.embed(tokens)  # (b, d)
             cos, sin = fm.rope_tables(positions)
             if compiled:
                 for w, cache in zip(self.layer_weights, self.kv.kv, strict=True):
-                    x = self.layer_fn(x, cos, sin, w, cache[0], cache[1], slots, tables, mask)
+                    x = self.layer_fn(x, cos, sin, w, cache[0], cache[1], slots, tables, mask, ctx)
             else:
-                attn = PagedAttention(self.kv, StepMetadata(slots, slots, tables, mask, []))
+                attn = PagedAttention(self.kv, StepMetadata(slots, slots, tables, mask, [], ctx))
                 for i in range(len(fm.layers)):
                     q, k, v = fm.qkv(i, x, cos, sin)
                     x = fm.finish(i, x, attn.attend(i, q, k, v))

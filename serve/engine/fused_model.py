@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cluster.model import Transformer, rope_cos_sin
+from serve.engine.paged_attention import paged_decode_attention
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -184,16 +185,19 @@ def layer_pieces(n_heads: int, n_kv_heads: int, head_dim: int, eps: float):
     return pre, post
 
 
-def make_decode_layer(n_heads: int, n_kv_heads: int, head_dim: int, eps: float, compile: bool = False):
-    """``layer(x, cos, sin, w, k_cache, v_cache, slots, tables, mask) -> x``: one whole decoder block
-    for a decode batch as a function of tensors (the sizes are closure constants, so one compiled
-    graph serves every layer). x (B, d); w = (ln1, qkv_w, qkv_b, o_w, ln2, gate_up_w, down_w); the
-    new k/v are written to ``slots`` of the (NB, BS, Hkv, D) caches.
+def make_decode_layer(n_heads: int, n_kv_heads: int, head_dim: int, eps: float, compile: bool = False,
+                      paged: bool = False):
+    """``layer(x, cos, sin, w, k_cache, v_cache, slots, tables, mask, ctx) -> x``: one whole decoder
+    block for a decode batch as a function of tensors (the sizes are closure constants, so one
+    compiled graph serves every layer). x (B, d); w = (ln1, qkv_w, qkv_b, o_w, ln2, gate_up_w,
+    down_w); the new k/v are written to ``slots`` of the (NB, BS, Hkv, D) caches; ``mask`` (additive)
+    is for the gather + SDPA attention, ``ctx`` (B,) context lengths for the Triton one (``paged``).
 
-    ``compile=True`` compiles the two pure parts (norm + q/k/v + RoPE; attention + the rest of the
+    ``compile=True`` compiles the pure parts (norm + q/k/v + RoPE; [attention +] the rest of the
     block) with ``torch.compile(dynamic=True)``. The KV write stays between them, eager: inside a
     compiled function Inductor turned the in-place write into a view of a graph input into a copy of
-    the whole cache layer (4 × 33 µs per layer on an H200, 80% of a batch-1 step)."""
+    the whole cache layer (4 × 33 µs per layer on an H200, 80% of a batch-1 step). The Triton
+    attention kernel is called between compiled parts too."""
     Hkv, D, n_rep = n_kv_heads, head_dim, n_heads // n_kv_heads
     pre, post = layer_pieces(n_heads, n_kv_heads, head_dim, eps)
 
@@ -202,13 +206,16 @@ def make_decode_layer(n_heads: int, n_kv_heads: int, head_dim: int, eps: float, 
 
     if compile:
         pre = torch.compile(pre, dynamic=True, fullgraph=True)
+        post = torch.compile(post, dynamic=True, fullgraph=True)
         attn_post = torch.compile(attn_post, dynamic=True, fullgraph=True)
 
-    def layer(x, cos, sin, w, k_cache, v_cache, slots, tables, mask):
+    def layer(x, cos, sin, w, k_cache, v_cache, slots, tables, mask, ctx):
         ln1, qkv_w, qkv_b, o_w, ln2, gu_w, down_w = w
         q, k, v = pre(x, cos, sin, ln1, qkv_w, qkv_b)
         k_cache.view(-1, Hkv, D).index_copy_(0, slots, k)
         v_cache.view(-1, Hkv, D).index_copy_(0, slots, v)
+        if paged:
+            return post(x, paged_decode_attention(q, k_cache, v_cache, tables, ctx), o_w, ln2, gu_w, down_w)
         return attn_post(x, q, k_cache, v_cache, tables, mask, o_w, ln2, gu_w, down_w)
 
     return layer

@@ -29,6 +29,8 @@ from cluster.model import Transformer
 from serve.engine.cuda_graphs import additive_mask
 from serve.engine.fused_model import FusedModel, decode_attention
 from serve.engine.kv_cache_manager import KVCacheManager
+from serve.engine.paged_attention import available as paged_available
+from serve.engine.paged_attention import paged_decode_attention
 from serve.engine.request import Sequence
 
 
@@ -46,8 +48,9 @@ class StepMetadata:
     slot_mapping: torch.Tensor  # (N,) flat slot of every new token
     decode_idx: torch.Tensor | None  # (Bd,) flat offsets of the decode queries
     decode_tables: torch.Tensor | None  # (Bd, max_blocks) block ids, padded with 0
-    decode_mask: torch.Tensor | None  # (Bd, 1, 1, max_blocks * block_size) additive: 0 or -inf, KV dtype
+    decode_mask: torch.Tensor | None  # (Bd, 1, 1, max_blocks * block_size) additive: 0 or -inf, KV dtype; None with Triton
     prefills: list[PrefillChunk]
+    decode_ctx: torch.Tensor | None = None  # (Bd,) tokens each decode query attends to
 
 
 class PagedAttention:
@@ -67,13 +70,12 @@ class PagedAttention:
         cache[0].view(nb * bs, hkv, d).index_copy_(0, m.slot_mapping, k)
         cache[1].view(nb * bs, hkv, d).index_copy_(0, m.slot_mapping, v)
         if m.decode_idx is not None and not m.prefills and out is None:
-            return decode_attention(q, cache[0], cache[1], m.decode_tables, m.decode_mask, q.shape[1] // hkv)
+            return self._decode(q, cache)
         gqa = q.shape[1] != hkv
         if out is None:
             out = torch.empty_like(q)  # (N, H, D)
         if m.decode_idx is not None:
-            out[m.decode_idx] = decode_attention(q[m.decode_idx], cache[0], cache[1], m.decode_tables, m.decode_mask,
-                                                 q.shape[1] // hkv)
+            out[m.decode_idx] = self._decode(q[m.decode_idx], cache)
         for c in m.prefills:
             # 4-D (1, heads, len, D): SDPA's fused CUDA kernels take only batched inputs (3-D ran the math kernel)
             qs = q[c.start : c.start + c.q_len].transpose(0, 1)[None]  # (1, H, q, D)
@@ -94,6 +96,13 @@ class PagedAttention:
         return out
 
 
+    def _decode(self, q: torch.Tensor, cache: torch.Tensor) -> torch.Tensor:
+        m = self.meta
+        if m.decode_mask is None:  # Triton reads the paged pool directly
+            return paged_decode_attention(q, cache[0], cache[1], m.decode_tables, m.decode_ctx)
+        return decode_attention(q, cache[0], cache[1], m.decode_tables, m.decode_mask, q.shape[1] // cache.shape[3])
+
+
 class ModelRunner:
     def __init__(
         self, model: Transformer, kv: KVCacheManager, device: torch.device, *, cuda_graphs: bool = False,
@@ -104,6 +113,13 @@ class ModelRunner:
         self.device = device
         self.block_size = kv.block_size
         self.fused = FusedModel(model, max_model_len)
+        # decode attention straight from the paged pool (Triton) where it can run, else gather + SDPA
+        self.paged = paged_available(device, self.fused.head_dim)
+        if self.paged:  # compile the Triton kernel now (for the eager steps' layout), not on a first request
+            c, fm = kv.kv[0], self.fused
+            paged_decode_attention(torch.zeros(1, fm.n_heads, fm.head_dim, dtype=c.dtype, device=device), c[0], c[1],
+                                   torch.zeros(1, 1, dtype=torch.long, device=device),
+                                   torch.ones(1, dtype=torch.long, device=device))
         self.graphs = None
         self.pieces = None
         if cuda_graphs and device.type == "cuda":
@@ -111,7 +127,7 @@ class ModelRunner:
             from serve.engine.piecewise_graphs import PiecewiseGraphs
 
             self.graphs = DecodeGraphs(self.fused, kv, device, max_batch, -(-max_model_len // kv.block_size),
-                                       compile=compile, max_steps=max_steps)
+                                       compile=compile, max_steps=max_steps, paged=self.paged)
             self.graphs.capture_all()
             if max_tokens and all(self.fused.decode_weights(i) is not None for i in range(len(self.fused.layers))):
                 self.pieces = PiecewiseGraphs(self.fused, device, max_tokens, kv.kv[0].dtype)
@@ -158,14 +174,15 @@ class ModelRunner:
     def _metadata(self, slots, dec_idx, dec_tables, dec_ctx, prefills) -> StepMetadata:
         dev, bs = self.device, self.block_size
         slot_mapping = torch.tensor(slots, dtype=torch.long).to(dev, non_blocking=True)
-        decode_idx = decode_tables = decode_mask = None
+        decode_idx = decode_tables = decode_mask = ctx = None
         if dec_idx:
             nbmax = max(len(t) for t in dec_tables)
             padded = [t + [0] * (nbmax - len(t)) for t in dec_tables]
             decode_idx = torch.tensor(dec_idx, dtype=torch.long).to(dev, non_blocking=True)
             decode_tables = torch.tensor(padded, dtype=torch.long).to(dev, non_blocking=True)
             ctx = torch.tensor(dec_ctx, dtype=torch.long).to(dev, non_blocking=True)
-            decode_mask = additive_mask(torch.arange(nbmax * bs, device=dev)[None, :] < ctx[:, None], self.kv.kv[0].dtype)
+            if not self.paged:
+                decode_mask = additive_mask(torch.arange(nbmax * bs, device=dev)[None, :] < ctx[:, None], self.kv.kv[0].dtype)
         chunks = []
         for off, q_len, ctx_len, blocks in prefills:
             if ctx_len == q_len:
@@ -177,7 +194,7 @@ class ModelRunner:
                 mask = torch.arange(ctx_len, device=dev)[None, :] <= qpos[:, None]  # (q, ctx)
             bt = torch.tensor(blocks, dtype=torch.long).to(dev, non_blocking=True)
             chunks.append(PrefillChunk(off, q_len, ctx_len, bt, mask))
-        return StepMetadata(slot_mapping, decode_idx, decode_tables, decode_mask, chunks)
+        return StepMetadata(slot_mapping, decode_idx, decode_tables, decode_mask, chunks, ctx)
 
     @torch.inference_mode()
     def execute(self, seqs: list[Sequence], num_new: list[int]) -> torch.Tensor:

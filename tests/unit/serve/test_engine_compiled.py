@@ -47,7 +47,7 @@ def test_compiled_decode_layer_matches_eager(kv_heads):
             want_k, want_v = kc.clone(), vc.clone()
             want = _eager_layer(eager, 1, x, pos, want_k, want_v, slots, tables, mask)
             cos, sin = eager.rope_tables(pos)
-            got = layer(x, cos, sin, eager.decode_weights(1), kc, vc, slots, tables, mask)
+            got = layer(x, cos, sin, eager.decode_weights(1), kc, vc, slots, tables, mask, pos + 1)
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
             torch.testing.assert_close(kc, want_k, rtol=1e-5, atol=1e-5)  # written in place, elsewhere untouched
             torch.testing.assert_close(vc, want_v, rtol=1e-5, atol=1e-5)
