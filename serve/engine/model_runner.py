@@ -19,7 +19,7 @@ copied once per step, not per layer).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -44,6 +44,31 @@ class PrefillChunk:
 
 
 @dataclass
+class FreshBatch:
+    """Prefill chunks with nothing cached before them, attended together: right-padded to the
+    longest into one ``(C, heads, L, D)`` causal SDPA (padding sits after every real query, so
+    causality alone keeps it out of the real rows)."""
+
+    num: int  # C chunks
+    length: int  # L, the longest chunk
+    gather: torch.Tensor  # (C * L,) flat row of each padded position (padding repeats a real row)
+    src: torch.Tensor  # (R,) padded positions of the real rows
+    dst: torch.Tensor  # (R,) their flat rows
+
+
+def fresh_groups(chunks: list[tuple[int, int]]) -> list[list[tuple[int, int]]]:
+    """Group (start, q_len) chunks for ``FreshBatch``es, longest first, each group's shortest at
+    least half its longest (padding stays under half the compute); singletons stay alone."""
+    groups: list[list[tuple[int, int]]] = []
+    for c in sorted(chunks, key=lambda c: -c[1]):
+        if groups and 2 * c[1] >= groups[-1][0][1]:
+            groups[-1].append(c)
+        else:
+            groups.append([c])
+    return groups
+
+
+@dataclass
 class StepMetadata:
     slot_mapping: torch.Tensor  # (N,) flat slot of every new token
     decode_idx: torch.Tensor | None  # (Bd,) flat offsets of the decode queries
@@ -51,6 +76,7 @@ class StepMetadata:
     decode_mask: torch.Tensor | None  # (Bd, 1, 1, max_blocks * block_size) additive: 0 or -inf, KV dtype; None with Triton
     prefills: list[PrefillChunk]
     decode_ctx: torch.Tensor | None = None  # (Bd,) tokens each decode query attends to
+    fresh: list[FreshBatch] = field(default_factory=list)  # uncached chunks attended in batches
 
 
 class PagedAttention:
@@ -76,6 +102,13 @@ class PagedAttention:
             out = torch.empty_like(q)  # (N, H, D)
         if m.decode_idx is not None:
             out[m.decode_idx] = self._decode(q[m.decode_idx], cache)
+        for f in m.fresh:
+            H = q.shape[1]
+            qs = q.index_select(0, f.gather).view(f.num, f.length, H, d).transpose(1, 2)  # (C, H, L, D)
+            ks = k.index_select(0, f.gather).view(f.num, f.length, hkv, d).transpose(1, 2)
+            vs = v.index_select(0, f.gather).view(f.num, f.length, hkv, d).transpose(1, 2)
+            o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, enable_gqa=gqa)
+            out.index_copy_(0, f.dst, o.transpose(1, 2).reshape(-1, H, d).index_select(0, f.src))
         for c in m.prefills:
             # 4-D (1, heads, len, D): SDPA's fused CUDA kernels take only batched inputs (3-D ran the math kernel)
             qs = q[c.start : c.start + c.q_len].transpose(0, 1)[None]  # (1, H, q, D)
@@ -183,10 +216,14 @@ class ModelRunner:
             ctx = torch.tensor(dec_ctx, dtype=torch.long).to(dev, non_blocking=True)
             if not self.paged:
                 decode_mask = additive_mask(torch.arange(nbmax * bs, device=dev)[None, :] < ctx[:, None], self.kv.kv[0].dtype)
-        chunks = []
+        chunks, fresh = [], []
+        for group in fresh_groups([(off, q_len) for off, q_len, ctx_len, _ in prefills if ctx_len == q_len]):
+            if len(group) == 1:
+                chunks.append(PrefillChunk(group[0][0], group[0][1], group[0][1], None, None))
+            else:
+                fresh.append(self._fresh_batch(group))
         for off, q_len, ctx_len, blocks in prefills:
             if ctx_len == q_len:
-                chunks.append(PrefillChunk(off, q_len, ctx_len, None, None))
                 continue
             mask = None
             if dev.type != "cuda":  # CUDA uses causal_lower_right (no materialized mask)
@@ -194,7 +231,19 @@ class ModelRunner:
                 mask = torch.arange(ctx_len, device=dev)[None, :] <= qpos[:, None]  # (q, ctx)
             bt = torch.tensor(blocks, dtype=torch.long).to(dev, non_blocking=True)
             chunks.append(PrefillChunk(off, q_len, ctx_len, bt, mask))
-        return StepMetadata(slot_mapping, decode_idx, decode_tables, decode_mask, chunks, ctx)
+        return StepMetadata(slot_mapping, decode_idx, decode_tables, decode_mask, chunks, ctx, fresh)
+
+    def _fresh_batch(self, group: list[tuple[int, int]]) -> FreshBatch:
+        length = group[0][1]  # longest first
+        gather, src, dst = [], [], []
+        for i, (off, q_len) in enumerate(group):
+            gather += list(range(off, off + q_len)) + [off] * (length - q_len)
+            src += range(i * length, i * length + q_len)
+            dst += range(off, off + q_len)
+        dev = self.device
+        t = torch.tensor([gather, src + [0] * (len(gather) - len(src)), dst + [0] * (len(gather) - len(dst))],
+                         dtype=torch.long).to(dev, non_blocking=True)  # one copy for the three
+        return FreshBatch(len(group), length, t[0], t[1, : len(src)], t[2, : len(dst)])
 
     @torch.inference_mode()
     def execute(self, seqs: list[Sequence], num_new: list[int]) -> torch.Tensor:

@@ -256,3 +256,24 @@ def test_multi_step_yields_to_waiting_requests():
     assert eng._decode_steps(batch) == 8
     eng.add_request("b", [4, 5, 6], SamplingParams(max_tokens=30, temperature=0.0))  # pending: admit it first
     assert eng._decode_steps(batch) == 1
+
+
+def test_fresh_prefills_are_attended_in_padded_batches():
+    """Uncached prefill chunks of similar length share one right-padded causal SDPA per layer (a
+    step of many new prompts is then a few attention calls, not one per prompt); tokens unchanged."""
+    from serve.engine.model_runner import fresh_groups
+
+    assert fresh_groups([(0, 40), (40, 33), (73, 25), (98, 21), (119, 9), (128, 3)]) == [
+        [(0, 40), (40, 33), (73, 25), (98, 21)], [(119, 9)], [(128, 3)]]
+    ref = tiny_model()
+    prompts = random_prompts(8, 10, 40, seed=51) + [[7] * 3, [9] * 4]
+    eng = LLMEngine(tiny_model(), EngineConfig(device="cpu", dtype="float32", num_blocks=128, max_num_batched_tokens=512))
+    for i, p in enumerate(prompts):
+        eng.add_request(f"r{i}", p, GREEDY)
+    eng._drain()
+    batch = eng.scheduler.schedule()
+    _, _, meta, _ = eng.runner.build(batch.seqs, batch.num_new_tokens)
+    batched = sum(f.num for f in meta.fresh)
+    assert batched >= 6 and batched + len(meta.prefills) == len(prompts)
+    eng = LLMEngine(tiny_model(), EngineConfig(device="cpu", dtype="float32", num_blocks=128, max_num_batched_tokens=512))
+    assert [c.token_ids for c in eng.generate(prompts, GREEDY)] == [reference_greedy(ref, p, 12) for p in prompts]
