@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.bias import causal_lower_right
 
 from cluster.model import Transformer
@@ -32,6 +33,11 @@ from serve.engine.kv_cache_manager import KVCacheManager
 from serve.engine.paged_attention import available as paged_available
 from serve.engine.paged_attention import paged_decode_attention
 from serve.engine.request import Sequence
+
+# Not cuDNN's SDPA: it builds an execution graph for every new shape (hundreds of ms: sglang#4650,
+# pytorch#161434), and prefill chunk lengths change every step. Flash / memory-efficient / math have
+# no per-shape setup.
+SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 @dataclass
@@ -95,7 +101,16 @@ class PagedAttention:
         m = self.meta
         cache[0].view(nb * bs, hkv, d).index_copy_(0, m.slot_mapping, k)
         cache[1].view(nb * bs, hkv, d).index_copy_(0, m.slot_mapping, v)
-        if m.decode_idx is not None and not m.prefills and out is None:
+        if not q.is_cuda:
+            return self._attend(q, k, v, cache, out)
+        with sdpa_kernel(SDPA_BACKENDS):
+            return self._attend(q, k, v, cache, out)
+
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: torch.Tensor,
+                out: torch.Tensor | None) -> torch.Tensor:
+        _, nb, bs, hkv, d = cache.shape
+        m = self.meta
+        if m.decode_idx is not None and not m.prefills and not m.fresh and out is None:
             return self._decode(q, cache)
         gqa = q.shape[1] != hkv
         if out is None:

@@ -277,3 +277,24 @@ def test_fresh_prefills_are_attended_in_padded_batches():
     assert batched >= 6 and batched + len(meta.prefills) == len(prompts)
     eng = LLMEngine(tiny_model(), EngineConfig(device="cpu", dtype="float32", num_blocks=128, max_num_batched_tokens=512))
     assert [c.token_ids for c in eng.generate(prompts, GREEDY)] == [reference_greedy(ref, p, 12) for p in prompts]
+
+
+def test_decode_rows_beside_a_fresh_batch():
+    """A step holding decode rows and a batched group of new prompts (and nothing else) attends both."""
+    ref = tiny_model()
+    eng = LLMEngine(tiny_model(), EngineConfig(device="cpu", dtype="float32", num_blocks=128, num_scheduler_steps=1))
+    first = random_prompts(1, 20, 20, seed=61)[0]
+    eng.add_request("a", first, GREEDY)
+    eng.step()
+    eng.step()  # "a" is decoding
+    later = random_prompts(2, 30, 30, seed=62)
+    for i, p in enumerate(later):
+        eng.add_request(f"n{i}", p, GREEDY)
+    eng._drain()
+    batch = eng.scheduler.schedule()
+    _, _, meta, _ = eng.runner.build(batch.seqs, batch.num_new_tokens)
+    assert meta.decode_idx is not None and not meta.prefills and [f.num for f in meta.fresh] == [2]
+    logits = eng.runner.execute(batch.seqs, batch.num_new_tokens)  # the step itself
+    want = {"a": reference_greedy(ref, eng._seqs["a"].all_token_ids, 1)[0],
+            "n0": reference_greedy(ref, later[0], 1)[0], "n1": reference_greedy(ref, later[1], 1)[0]}
+    assert [int(t) for t in logits.argmax(-1)] == [want[s.request_id] for s in batch.seqs]
