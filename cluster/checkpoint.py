@@ -8,7 +8,9 @@ nothing is ever inferred from a file name.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -187,3 +189,22 @@ def save_model(model, path: str | Path, extra_config: dict[str, Any] | None = No
     save_file(sd, str(path / WEIGHTS), metadata={"format": "pt"})
     (path / "config.json").write_text(json.dumps(hf, indent=2, sort_keys=True) + "\n")
     return path
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def weights_sha256(model_dir: str | os.PathLike[str]) -> str:
+    """One digest of a checkpoint's weights: sha256 over the sorted ``*.safetensors`` files' digests."""
+    files = sorted(Path(model_dir).glob("*.safetensors"))
+    if not files:
+        raise RetortError(f"{model_dir}: no *.safetensors weights")
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f"{f.name}:{file_sha256(f)}\n".encode())
+    return h.hexdigest()

@@ -48,6 +48,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from cluster.checkpoint import file_sha256, weights_sha256
 from cluster.errors import RetortError
 
 FORMAT = "retort-topk-v1"
@@ -70,25 +71,6 @@ class TopKCacheInfo:
     tokens_per_s: float
     reused: bool = False
     cpu_seconds: float = 0.0  # process CPU time: seconds x cores on an idle machine, more on a shared one
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def weights_sha256(model_dir: str | os.PathLike[str]) -> str:
-    """One digest of a checkpoint's weights: sha256 over the sorted ``*.safetensors`` files' digests."""
-    files = sorted(Path(model_dir).glob("*.safetensors"))
-    if not files:
-        raise RetortError(f"{model_dir}: no *.safetensors weights")
-    h = hashlib.sha256()
-    for f in files:
-        h.update(f"{f.name}:{file_sha256(f)}\n".encode())
-    return h.hexdigest()
 
 
 def cache_fingerprint(

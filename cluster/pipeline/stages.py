@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from cluster.checkpoint import weights_sha256
 from cluster.config import load_config, schema_for
 from cluster.config.pipeline import PipelineConfig
 from cluster.errors import JobFailed, RetortError
@@ -47,6 +48,19 @@ def run_data(p: Pipeline, wired: list[str]) -> dict[str, Any]:
 
 def file_exists(key: str):
     return lambda p, out: bool(out.get(key)) and Path(out[key]).exists()
+
+
+def topk_cache_current(p: Pipeline, out: dict[str, Any]) -> bool:
+    """The cache exists and was built by the teacher this run has: a teacher trained again under the
+    same ref (a fresh registry numbers it v1 again) has other weights, and needs a new cache."""
+    manifest = Path(out.get("dir", "")) / "manifest.json"
+    if not manifest.is_file():
+        return False
+    try:
+        built_by = json.loads(manifest.read_text()).get("teacher_sha256")
+        return built_by == weights_sha256(p.registry.resolve(p.outputs["teacher"]["ref"]))
+    except (OSError, ValueError, RetortError):
+        return False
 
 
 # --- teacher (+ its top-k cache when the distillation reads one) -----------------------------
@@ -219,7 +233,7 @@ def build_stages(cfg: PipelineConfig) -> list[Stage]:
         Stage("teacher", "teacher", cfg.teacher, run_teacher, check=refs_ok),
     ]
     if distill_reads_topk(cfg):
-        stages.append(Stage("topk", "teacher", cfg.teacher, run_topk, wire=wire_topk, check=file_exists("dir")))
+        stages.append(Stage("topk", "teacher", cfg.teacher, run_topk, wire=wire_topk, check=topk_cache_current))
     stages += [
         Stage("distill", "distill", cfg.distill, distill_runner("distill"), wire=wire_distill, check=refs_ok),
         Stage("baseline", "distill", cfg.baseline, distill_runner("baseline"), wire=wire_distill, check=refs_ok),

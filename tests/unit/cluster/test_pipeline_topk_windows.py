@@ -51,3 +51,30 @@ def test_the_distill_loader_draws_every_cached_window_once(world, batch, steps):
                                                                    world_size=world, max_steps=steps)]
     drawn = np.concatenate([w.numpy() for w in drawn])
     assert sorted(drawn.tolist()) == list(range(n_windows))  # all cached, none twice, no epoch wrap
+
+
+def test_a_cache_built_by_another_teacher_under_the_same_ref_is_rebuilt(tmp_path, monkeypatch):
+    """A fresh registry numbers its new teacher v1 again: the run's cache of the old v1 must not pass."""
+    import json
+
+    from cluster.config.model import preset
+    from cluster.model import Transformer
+    from cluster.pipeline.stages import topk_cache_current
+    from cluster.registry import open_registry
+
+    monkeypatch.setenv("RETORT_REGISTRY", str(tmp_path / "registry"))
+    p = Pipeline(pipeline_cfg(f"runs_dir={tmp_path}", "name=t"))
+    for seed in (0, 1):
+        Transformer(preset("tiny")).init_weights(seed).save_pretrained(tmp_path / f"m{seed}")
+    reg = open_registry(root=str(tmp_path / "registry"))
+    p.outputs["teacher"] = {"ref": str(reg.publish("teacher", tmp_path / "m0"))}
+    cache = tmp_path / "topk"
+    cache.mkdir()
+    out = {"dir": str(cache)}
+    assert not topk_cache_current(p, out)  # no manifest: not built
+    from cluster.checkpoint import weights_sha256
+
+    (cache / "manifest.json").write_text(json.dumps({"teacher_sha256": weights_sha256(tmp_path / "m0")}))
+    assert topk_cache_current(p, out)
+    (cache / "manifest.json").write_text(json.dumps({"teacher_sha256": weights_sha256(tmp_path / "m1")}))
+    assert not topk_cache_current(p, out)
