@@ -25,6 +25,7 @@ class Stage:
     run: Callable[[Pipeline, list[str]], dict[str, Any]]
     wire: Callable[[Pipeline], list[str]] = lambda p: []
     check: Callable[[Pipeline, dict[str, Any]], bool] = lambda p, out: True
+    feeds_later: bool = True  # later stages consume what it makes: when it runs, they run too
 
 
 class Pipeline:
@@ -79,6 +80,7 @@ class Pipeline:
     def run(self, stages: list[Stage]) -> Path:
         self.total = len(stages)
         t_all = time.monotonic()
+        upstream_ran = False  # refs like teacher:1 repeat across fresh registries: a re-run upstream means new inputs
         for self.index, stage in enumerate(stages, start=1):
             if stage.spec is not None and not stage.spec.enabled:
                 print(f"– [{self.index}/{self.total}] {stage.name:<9} disabled in config", flush=True)
@@ -87,7 +89,7 @@ class Pipeline:
             payload = {"stage": stage.name, "wired": wired, "config": self.resolved(stage, wired) if stage.kind else None}
             fp = fingerprint(payload)
             prev = self.state.get(stage.name)
-            if prev and prev["fingerprint"] == fp and stage.check(self, prev["outputs"]):
+            if prev and prev["fingerprint"] == fp and not upstream_ran and stage.check(self, prev["outputs"]):
                 self.outputs[stage.name] = prev["outputs"]
                 self.timings[stage.name] = {"seconds": prev["seconds"], "skipped": True}
                 print(f"↷ [{self.index}/{self.total}] {stage.name:<9} up to date ({_summary(prev['outputs'])})", flush=True)
@@ -98,6 +100,7 @@ class Pipeline:
             self.outputs[stage.name] = out
             self.timings[stage.name] = {"seconds": round(seconds, 1), "skipped": False}
             self.state.record(stage.name, fp, out, seconds)
+            upstream_ran = upstream_ran or stage.feeds_later
         total = time.monotonic() - t_all
         self.timings["total"] = {"seconds": round(total, 1)}
         (self.dir / "timings.json").write_text(json.dumps(self.timings, indent=2))

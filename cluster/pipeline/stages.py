@@ -228,7 +228,7 @@ def run_loadtest(p: Pipeline, wired: list[str]) -> dict[str, Any]:
 
 def build_stages(cfg: PipelineConfig) -> list[Stage]:
     stages = [
-        Stage("up", "cluster", cfg.cluster, run_up, check=cluster_alive),
+        Stage("up", "cluster", cfg.cluster, run_up, check=cluster_alive, feeds_later=False),  # a restart changes no data
         Stage("data", "data", cfg.data, run_data, check=file_exists("manifest")),
         Stage("teacher", "teacher", cfg.teacher, run_teacher, check=refs_ok),
     ]
