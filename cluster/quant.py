@@ -588,16 +588,12 @@ def _excluded(name: str, patterns: list[str]) -> bool:
     return any(f".{p}." in f".{name}." for p in patterns)
 
 
-def _tied(model: nn.Module, name: str, lin: nn.Linear) -> bool:
-    return name == "lm_head" and _is_tied(model)
-
-
 def _targets(model: nn.Module, patterns: list[str]) -> list[tuple[str, nn.Linear]]:
     found = [(n, m) for n, m in model.named_modules() if isinstance(m, QuantLinear)]
     if found:
         raise RetortError(f"model is already quantized ({found[0][0]} is {type(found[0][1]).__name__})")
     return [(n, m) for n, m in model.named_modules()
-            if type(m) is nn.Linear and not _excluded(n, patterns) and not _tied(model, n, m)]
+            if type(m) is nn.Linear and not _excluded(n, patterns) and not (n == "lm_head" and _is_tied(model))]
 
 
 def _set(model: nn.Module, name: str, module: nn.Module) -> None:

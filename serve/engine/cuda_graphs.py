@@ -17,7 +17,8 @@ sets its time. Three things cut it:
   between and copies the K × B tokens back once. The host's per-step cost (scheduling, building
   inputs, the sampler's sync) is paid once per K tokens.
 
-``compile=False`` (the default; or a model with quantized projections) captures the eager fused forward.
+``compile=True`` captures each bucket both compiled and eager and keeps the faster replay;
+``compile=False`` (or a model with quantized projections) captures the eager fused forward only.
 """
 
 from __future__ import annotations

@@ -252,24 +252,25 @@ class LLMEngine:
         self._observe(batch, t0)
         if result is None:
             return outputs
-        now = time.monotonic()
         for seq, tok, lp in zip(sampling, result.token_ids, result.logprobs, strict=True):
-            seq.output_token_ids.append(tok)
-            self.generation_tokens += 1
-            if seq.first_token_time is None:
-                seq.first_token_time = now
-            reason = self._finish_reason(seq, tok)
+            reason = self._append_token(seq, tok)
             if reason is not None:
                 self._finish(seq, reason)
             outputs.append(self._output(seq, [tok], None if lp is None else [lp]))
         return outputs
 
+    def _append_token(self, seq: Sequence, tok: int) -> str | None:
+        """Record a generated token; returns the finish reason it causes, if any."""
+        seq.output_token_ids.append(tok)
+        self.generation_tokens += 1
+        if seq.first_token_time is None:
+            seq.first_token_time = time.monotonic()
+        return self._finish_reason(seq, tok)
+
     def _observe(self, batch, t0: float) -> None:
         """Tell the KV store's connector what computing this step's tokens cost (its fetch-or-recompute
         model); only steps with prefill tokens, timed to the end of the GPU work."""
-        if self.kv_connector is None or not hasattr(self.kv_connector, "observe_prefill"):
-            return
-        if all(n == 1 for n in batch.num_new_tokens):
+        if self.kv_connector is None or all(n == 1 for n in batch.num_new_tokens):
             return
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
@@ -306,13 +307,11 @@ class LLMEngine:
             reason = None
             for tok in toks:
                 seq.num_computed_tokens += 1
-                seq.output_token_ids.append(tok)
                 new.append(tok)
-                reason = self._finish_reason(seq, tok)
+                reason = self._append_token(seq, tok)
                 if reason is not None:
                     break
             self.kv.commit(seq)
-            self.generation_tokens += len(new)
             if reason is not None:
                 self._finish(seq, reason)
             outputs.append(self._output(seq, new, None))

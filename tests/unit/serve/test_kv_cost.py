@@ -253,9 +253,6 @@ def test_timeout_teaches_that_the_store_is_slow(ref):
     cb.close()
 
 
-@pytest.mark.skipif(
-    "observe_prefill" not in __import__("inspect").getsource(LLMEngine), reason="the engine does not report steps yet"
-)
 def test_engine_reports_prefill_steps():
     store = MemoryStore(1 << 24)
     eng, conn = engine(store, cfg(), connector=KVConnector)
