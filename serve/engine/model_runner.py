@@ -170,16 +170,22 @@ class ModelRunner:
                                    torch.ones(1, dtype=torch.long, device=device))
         self.graphs = None
         self.pieces = None
+        self.steps = None
         if cuda_graphs and device.type == "cuda":
             from serve.engine.cuda_graphs import DecodeGraphs
-            from serve.engine.piecewise_graphs import PiecewiseGraphs
+            from serve.engine.piecewise_graphs import PiecewiseGraphs, StepGraphs
 
             self.graphs = DecodeGraphs(self.fused, kv, device, max_batch, -(-max_model_len // kv.block_size),
                                        compile=compile, max_steps=max_steps, paged=self.paged)
             self.graphs.capture_all()
             if max_tokens and all(self.fused.decode_weights(i) is not None for i in range(len(self.fused.layers))):
-                self.pieces = PiecewiseGraphs(self.fused, device, max_tokens, kv.kv[0].dtype)
-                self.pieces.capture_all()
+                if self.paged:  # whole steps as graphs (attention from static buffers)
+                    self.steps = StepGraphs(self.fused, kv, device, max_tokens, max_batch,
+                                            -(-max_model_len // kv.block_size), compile=compile)
+                    self.steps.capture_all()
+                else:  # graphs between eager attention calls
+                    self.pieces = PiecewiseGraphs(self.fused, device, max_tokens, kv.kv[0].dtype)
+                    self.pieces.capture_all()
 
     def build(self, seqs: list[Sequence], num_new: list[int], pad_to: int | None = None,
               ) -> tuple[torch.Tensor, torch.Tensor, StepMetadata, list[int]]:
@@ -268,6 +274,10 @@ class ModelRunner:
             out = self._graph_decode(seqs)
             if out is not None:
                 return out
+        if self.steps is not None and self.steps.bucket(sum(num_new)) is not None:
+            out = self._graph_step(seqs, num_new)
+            if out is not None:
+                return out
         if self.pieces is not None:
             t = self.pieces.bucket(sum(num_new))
             if t is not None:
@@ -276,6 +286,17 @@ class ModelRunner:
                 return self._logits(x, rows)
         tokens, positions, meta, rows = self.build(seqs, num_new)
         return self._forward(tokens, positions, meta, rows)
+
+    def _graph_step(self, seqs: list[Sequence], num_new: list[int]) -> torch.Tensor | None:
+        bs = self.block_size
+        chunks = []
+        for seq, n in zip(seqs, num_new, strict=True):
+            start = seq.num_computed_tokens
+            table = self.kv.block_tables[seq.request_id][: -(-(start + n) // bs)]
+            chunks.append((seq.token_slice(start, start + n), start, table, start + n == seq.num_tokens))
+        if not self.steps.fits(len(chunks), max(len(c[2]) for c in chunks)):
+            return None
+        return self.steps.run(chunks)
 
     def _forward(self, tokens: torch.Tensor, positions: torch.Tensor, meta: StepMetadata, rows: list[int]) -> torch.Tensor:
         fm = self.fused

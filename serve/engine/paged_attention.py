@@ -1,4 +1,4 @@
-"""Decode attention straight from the paged KV pool (Triton, CUDA): no gathered copy, no mask.
+"""Attention straight from the paged KV pool (Triton, CUDA): no gathered copy, no mask.
 
 The portable path (``fused_model.decode_attention``) gathers every sequence's blocks into a padded
 ``(B, L, Hkv, D)`` copy and runs one masked SDPA: at batch 64 with 256-token contexts on the
@@ -7,6 +7,14 @@ block table where they lie, ``TILE`` tokens at a time, with an online softmax (o
 sequence and query head; positions at or past the sequence's context length are masked in
 registers). It launches with a fixed grid and loops to each sequence's own length, so it is
 CUDA-graph safe. Triton is optional: without it (CPU builds) ``available()`` is False.
+
+``paged_varlen_attention`` is the same for any step (prefill chunks after a cached prefix, fresh
+prompts, decode rows of a mixed batch): queries come in *query blocks* of up to ``BLOCK_Q``
+consecutive rows of one sequence, each attending causally to its sequence's keys through the block
+table (whose new k/v were written to the pool before the call); ``tl.dot`` on tiles of
+``BLOCK_Q x TILE``. Query blocks are a fixed-size table (unused entries have 0 rows and return at
+once), so a whole step — every layer's attention included — is one CUDA graph per token bucket
+(vLLM v1's unified Triton attention has the same shape).
 """
 
 from __future__ import annotations
@@ -59,6 +67,88 @@ if triton is not None:
             m = m_new
         out = acc / acc_l
         tl.store(out_ptr + b * s_ob + h * s_oh + d, out.to(out_ptr.dtype.element_ty))
+
+
+    @triton.jit(do_not_specialize=["s_qn", "s_qh", "s_kblk", "s_ktok", "s_kh", "s_tb", "s_on", "s_oh"])
+    def _paged_varlen(q_ptr, k_ptr, v_ptr, qblocks_ptr, tables_ptr, out_ptr,
+                      s_qn, s_qh, s_kblk, s_ktok, s_kh, s_tb, s_on, s_oh, scale,
+                      N_REP: tl.constexpr, BS: tl.constexpr, D: tl.constexpr, BLOCK_Q: tl.constexpr,
+                      TILE: tl.constexpr, PRECISION: tl.constexpr):
+        qb = tl.program_id(0)
+        h = tl.program_id(1)
+        kvh = h // N_REP
+        row0 = tl.load(qblocks_ptr + qb * 4)  # first flat row, rows, sequence (table row), position of row0
+        nrows = tl.load(qblocks_ptr + qb * 4 + 1)
+        seq = tl.load(qblocks_ptr + qb * 4 + 2)
+        pos0 = tl.load(qblocks_ptr + qb * 4 + 3)
+        if nrows > 0:
+            r = tl.arange(0, BLOCK_Q)
+            d = tl.arange(0, D)
+            t = tl.arange(0, TILE)
+            live_q = r < nrows
+            qpos = pos0 + r
+            q_off = (row0 + r).to(tl.int64)[:, None] * s_qn + h * s_qh + d[None, :]
+            q = tl.load(q_ptr + q_off, mask=live_q[:, None], other=0.0)
+            q = (q.to(tl.float32) * scale).to(q.dtype)
+            m = tl.full([BLOCK_Q], float("-inf"), tl.float32)
+            acc_l = tl.zeros([BLOCK_Q], tl.float32)
+            acc = tl.zeros([BLOCK_Q, D], tl.float32)
+            end = pos0 + nrows
+            for start in range(0, end, TILE):
+                kpos = start + t
+                live_k = kpos < end
+                blk = tl.load(tables_ptr + seq.to(tl.int64) * s_tb + kpos // BS, mask=live_k, other=0)
+                off = blk.to(tl.int64) * s_kblk + (kpos % BS) * s_ktok + kvh * s_kh
+                k = tl.load(k_ptr + off[:, None] + d[None, :], mask=live_k[:, None], other=0.0)
+                s = tl.dot(q, tl.trans(k), input_precision=PRECISION)  # (BLOCK_Q, TILE) fp32
+                s = tl.where((kpos[None, :] <= qpos[:, None]) & live_k[None, :], s, float("-inf"))
+                m_new = tl.maximum(m, tl.max(s, 1))
+                p = tl.exp(s - m_new[:, None])
+                alpha = tl.exp(m - m_new)
+                v = tl.load(v_ptr + off[:, None] + d[None, :], mask=live_k[:, None], other=0.0)
+                acc_l = acc_l * alpha + tl.sum(p, 1)
+                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+                m = m_new
+            out = acc / acc_l[:, None]
+            o_off = (row0 + r).to(tl.int64)[:, None] * s_on + h * s_oh + d[None, :]
+            tl.store(out_ptr + o_off, out.to(out_ptr.dtype.element_ty), mask=live_q[:, None])
+
+
+def varlen_block_q(tokens: int) -> int:
+    """Rows per query block for a step of ``tokens`` rows: 16 (``tl.dot``'s smallest M) for short
+    steps, where a decode row wastes least of its block; 64 for long prompts, where each key tile
+    loaded then serves 4x the queries (at 16, a 1k-token prompt's attention took 126 µs a layer)."""
+    return 16 if tokens <= 128 else 64
+
+
+def query_blocks(chunks: list[tuple[int, int, int]], block_q: int) -> list[tuple[int, int, int, int]]:
+    """(flat start row, rows, position of the first row) per sequence, in table-row order ->
+    query blocks (row0, rows, sequence index, position of row0), each within one sequence."""
+    out = []
+    for i, (row, n, pos) in enumerate(chunks):
+        for j in range(0, n, block_q):
+            out.append((row + j, min(block_q, n - j), i, pos + j))
+    return out
+
+
+def paged_varlen_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, qblocks: torch.Tensor,
+                           tables: torch.Tensor, out: torch.Tensor, block_q: int) -> torch.Tensor:
+    """q (N, H, D) one step's flat queries; caches (NB, BS, Hkv, D) already holding the step's new
+    k/v; qblocks (Q, 4) int64 rows of ``query_blocks(..., block_q)`` (padded with zero rows: skipped); tables (S, nb)
+    block ids of each sequence -> attention output written into ``out`` (N, H, D) for the rows the
+    query blocks cover (others untouched)."""
+    _, H, D = q.shape
+    _, BS, Hkv, _ = k_cache.shape
+    if k_cache.stride(3) != 1 or v_cache.stride() != k_cache.stride() or q.stride(2) != 1 or out.stride(2) != 1:
+        raise ValueError("paged_varlen_attention needs contiguous head dims and caches laid out alike")
+    _paged_varlen[(qblocks.shape[0], H)](
+        q, k_cache, v_cache, qblocks, tables, out,
+        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), tables.stride(0),
+        out.stride(0), out.stride(1), D**-0.5,
+        N_REP=H // Hkv, BS=BS, D=D, BLOCK_Q=block_q, TILE=64,
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=4 if block_q <= 16 else 8,
+    )
+    return out
 
 
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, tables: torch.Tensor,

@@ -17,9 +17,16 @@ def run(dtype: str, eager: bool, prompts, **kw):
     return [c.token_ids for c in out], eng
 
 
-@pytest.mark.parametrize("eager,compiled", [(True, False), (False, False), (False, True)])
-def test_fp32_matches_cpu_reference(eager, compiled, monkeypatch):
+@pytest.mark.parametrize("eager,compiled,triton", [(True, False, True), (False, False, True), (False, True, True),
+                                                    (False, False, False)])
+def test_fp32_matches_cpu_reference(eager, compiled, triton, monkeypatch):
+    """Mixed batches, chunked prefill, preemption and prefix hits; with Triton whole prefill/mixed
+    steps are graphs (``StepGraphs``), without it piecewise graphs around eager SDPA."""
     monkeypatch.setenv("RETORT_ENGINE_COMPILE", "1" if compiled else "0")
+    if not triton:
+        import serve.engine.model_runner as mr
+
+        monkeypatch.setattr(mr, "paged_available", lambda device, head_dim: False)
     torch.backends.cuda.matmul.allow_tf32 = False
     ref = tiny_model()
     prompts = random_prompts(6, 1, 60, seed=21)
@@ -31,7 +38,9 @@ def test_fp32_matches_cpu_reference(eager, compiled, monkeypatch):
     if not eager:
         assert eng.runner.graphs is not None and eng.runner.graphs.graphs
         assert (eng.runner.graphs.layer_fn is not None) == compiled
-        assert eng.runner.pieces is not None and eng.runner.pieces.buckets == [16, 32, 48]  # prefill steps: piecewise
+        graphs = eng.runner.steps if triton else eng.runner.pieces  # prefill / mixed steps
+        assert graphs is not None and graphs.buckets == [16, 32, 48]
+        assert (eng.runner.steps is None) == (not triton) and (eng.runner.pieces is None) == triton
 
 
 def test_bf16_graphs_agree_with_eager():
@@ -109,3 +118,38 @@ def test_paged_decode_kernel_matches_gather_sdpa(dtype, H, Hkv, D, BS):
     got = paged_decode_attention(q, kc, vc, tables, ctx).float()
     tol = 1e-4 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(got, want, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("block_q", [16, 64])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("H,Hkv,D,BS", [(12, 12, 64, 16), (8, 2, 32, 16), (4, 1, 64, 8)])
+def test_paged_varlen_kernel_matches_masked_sdpa(dtype, H, Hkv, D, BS, block_q):
+    """Query blocks of a fresh prompt, a chunk after a cached prefix, decode rows and padding rows."""
+    import torch.nn.functional as F
+
+    from serve.engine.paged_attention import paged_varlen_attention, query_blocks
+
+    g = torch.Generator(device="cuda").manual_seed(H * D + BS)
+    spec = [(150, 0), (37, 100), (1, 300), (1, 5), (16, 16)]  # (new rows, position of the first)
+    spans, row = [], 0
+    for n, p in spec:
+        spans.append((row, n, p))
+        row += n
+    NB = 300
+    tables = torch.randperm(NB, device="cuda", generator=g)[: len(spec) * 40].view(len(spec), 40)
+    q = torch.randn(row + 5, H + 2 * Hkv, D, device="cuda", dtype=dtype, generator=g)[:, :H]  # strided, as in the engine
+    kc = torch.randn(NB, BS, Hkv, D, device="cuda", dtype=dtype, generator=g)
+    vc = torch.randn(NB, BS, Hkv, D, device="cuda", dtype=dtype, generator=g)
+    qb = torch.tensor(query_blocks(spans, block_q) + [(0, 0, 0, 0)] * 3, device="cuda")
+    out = torch.full((row + 5, H, D), 7.0, device="cuda", dtype=dtype)
+    paged_varlen_attention(q, kc, vc, qb, tables, out, block_q)
+    for i, (r, n, p) in enumerate(spans):
+        ctx = p + n
+        k = kc[tables[i]].reshape(-1, Hkv, D)[:ctx].transpose(0, 1).float()
+        v = vc[tables[i]].reshape(-1, Hkv, D)[:ctx].transpose(0, 1).float()
+        mask = torch.arange(ctx, device="cuda")[None] <= torch.arange(p, ctx, device="cuda")[:, None]
+        want = F.scaled_dot_product_attention(q[r : r + n].transpose(0, 1).float()[None], k[None], v[None],
+                                              attn_mask=mask, enable_gqa=Hkv < H)[0].transpose(0, 1)
+        tol = 1e-4 if dtype == torch.float32 else 3e-2
+        torch.testing.assert_close(out[r : r + n].float(), want, rtol=tol, atol=tol)
+    assert (out[row:] == 7).all()  # rows outside every query block are left alone
