@@ -35,9 +35,11 @@ def available(device: torch.device, head_dim: int) -> bool:
 
 if triton is not None:
 
-    # strides and lengths vary from step to step: one compiled kernel for all (no value specialization)
-    @triton.jit(do_not_specialize=["s_qb", "s_qh", "s_kblk", "s_ktok", "s_kh", "s_tb", "s_ctx", "s_ob", "s_oh",
-                                   "max_ctx"])
+    # The table width and context lengths vary from step to step: not specialized (one compiled
+    # kernel for all, no compile while serving). The q / cache / out strides are model constants
+    # (multiples of the head size) and stay specialized: Triton then knows every row start is
+    # 16-byte aligned and issues vector loads (without it, one 2-byte load per element).
+    @triton.jit(do_not_specialize=["s_tb", "s_ctx", "max_ctx"])
     def _paged_decode(q_ptr, k_ptr, v_ptr, tables_ptr, ctx_ptr, out_ptr,
                       s_qb, s_qh, s_kblk, s_ktok, s_kh, s_tb, s_ctx, s_ob, s_oh, scale,
                       max_ctx, N_REP: tl.constexpr, BS: tl.constexpr, D: tl.constexpr, TILE: tl.constexpr):
@@ -69,49 +71,94 @@ if triton is not None:
         tl.store(out_ptr + b * s_ob + h * s_oh + d, out.to(out_ptr.dtype.element_ty))
 
 
-    @triton.jit(do_not_specialize=["s_qn", "s_qh", "s_kblk", "s_ktok", "s_kh", "s_tb", "s_on", "s_oh"])
-    def _paged_varlen(q_ptr, k_ptr, v_ptr, qblocks_ptr, tables_ptr, out_ptr,
-                      s_qn, s_qh, s_kblk, s_ktok, s_kh, s_tb, s_on, s_oh, scale,
+    @triton.jit(do_not_specialize=["s_tb", "split_rows"])
+    def _paged_varlen(q_ptr, k_ptr, v_ptr, qblocks_ptr, tables_ptr, out_ptr, part_ptr, ml_ptr,
+                      s_qn, s_qh, s_kblk, s_ktok, s_kh, s_tb, s_on, s_oh, split_rows, scale,
                       N_REP: tl.constexpr, BS: tl.constexpr, D: tl.constexpr, BLOCK_Q: tl.constexpr,
-                      TILE: tl.constexpr, PRECISION: tl.constexpr):
+                      TILE: tl.constexpr, SPLITS: tl.constexpr, PRECISION: tl.constexpr):
         qb = tl.program_id(0)
         h = tl.program_id(1)
+        split = tl.program_id(2)
         kvh = h // N_REP
         row0 = tl.load(qblocks_ptr + qb * 4)  # first flat row, rows, sequence (table row), position of row0
         nrows = tl.load(qblocks_ptr + qb * 4 + 1)
         seq = tl.load(qblocks_ptr + qb * 4 + 2)
         pos0 = tl.load(qblocks_ptr + qb * 4 + 3)
-        if nrows > 0:
+        end = pos0 + nrows  # keys [0, end) of the sequence; row r sees [0, pos0 + r]
+        per = tl.cdiv(tl.cdiv(end, TILE), SPLITS) * TILE  # this split's key range: [lo, hi)
+        lo = split * per
+        hi = tl.minimum(lo + per, end)
+        if (nrows > 0) & (lo < end):
             r = tl.arange(0, BLOCK_Q)
             d = tl.arange(0, D)
             t = tl.arange(0, TILE)
             live_q = r < nrows
             qpos = pos0 + r
-            q_off = (row0 + r).to(tl.int64)[:, None] * s_qn + h * s_qh + d[None, :]
-            q = tl.load(q_ptr + q_off, mask=live_q[:, None], other=0.0)
+            rows = (row0 + r).to(tl.int64)
+            q = tl.load(q_ptr + rows[:, None] * s_qn + h * s_qh + d[None, :], mask=live_q[:, None], other=0.0)
             q = (q.to(tl.float32) * scale).to(q.dtype)
             m = tl.full([BLOCK_Q], float("-inf"), tl.float32)
             acc_l = tl.zeros([BLOCK_Q], tl.float32)
             acc = tl.zeros([BLOCK_Q, D], tl.float32)
-            end = pos0 + nrows
-            for start in range(0, end, TILE):
+            for start in range(lo, hi, TILE):
                 kpos = start + t
-                live_k = kpos < end
+                live_k = kpos < hi
                 blk = tl.load(tables_ptr + seq.to(tl.int64) * s_tb + kpos // BS, mask=live_k, other=0)
                 off = blk.to(tl.int64) * s_kblk + (kpos % BS) * s_ktok + kvh * s_kh
                 k = tl.load(k_ptr + off[:, None] + d[None, :], mask=live_k[:, None], other=0.0)
                 s = tl.dot(q, tl.trans(k), input_precision=PRECISION)  # (BLOCK_Q, TILE) fp32
                 s = tl.where((kpos[None, :] <= qpos[:, None]) & live_k[None, :], s, float("-inf"))
                 m_new = tl.maximum(m, tl.max(s, 1))
-                p = tl.exp(s - m_new[:, None])
-                alpha = tl.exp(m - m_new)
+                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with no key yet in this split
+                p = tl.exp(s - m_safe[:, None])
+                alpha = tl.exp(m - m_safe)
                 v = tl.load(v_ptr + off[:, None] + d[None, :], mask=live_k[:, None], other=0.0)
                 acc_l = acc_l * alpha + tl.sum(p, 1)
                 acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
                 m = m_new
+            if SPLITS == 1:  # every live row saw key 0: acc_l > 0
+                out = acc / acc_l[:, None]
+                tl.store(out_ptr + rows[:, None] * s_on + h * s_oh + d[None, :], out.to(out_ptr.dtype.element_ty),
+                         mask=live_q[:, None])
+            else:  # unnormalized partials, combined by _varlen_combine
+                prow = (split * split_rows + rows) * tl.num_programs(1) + h  # (split, row, head)
+                tl.store(part_ptr + prow[:, None] * D + d[None, :], acc, mask=live_q[:, None])
+                tl.store(ml_ptr + prow * 2, m, mask=live_q)
+                tl.store(ml_ptr + prow * 2 + 1, acc_l, mask=live_q)
+
+    @triton.jit(do_not_specialize=["split_rows"])
+    def _varlen_combine(qblocks_ptr, out_ptr, part_ptr, ml_ptr, s_on, s_oh, split_rows,
+                        D: tl.constexpr, BLOCK_Q: tl.constexpr, TILE: tl.constexpr, SPLITS: tl.constexpr):
+        qb = tl.program_id(0)
+        h = tl.program_id(1)
+        H = tl.num_programs(1)
+        row0 = tl.load(qblocks_ptr + qb * 4)
+        nrows = tl.load(qblocks_ptr + qb * 4 + 1)
+        end = tl.load(qblocks_ptr + qb * 4 + 3) + nrows
+        if nrows > 0:
+            r = tl.arange(0, BLOCK_Q)
+            d = tl.arange(0, D)
+            live_q = r < nrows
+            rows = (row0 + r).to(tl.int64)
+            per = tl.cdiv(tl.cdiv(end, TILE), SPLITS) * TILE
+            m = tl.full([BLOCK_Q], float("-inf"), tl.float32)
+            acc_l = tl.zeros([BLOCK_Q], tl.float32)
+            acc = tl.zeros([BLOCK_Q, D], tl.float32)
+            for split in range(0, tl.cdiv(end, per)):  # the splits that had keys (and so wrote partials)
+                prow = (split * split_rows + rows) * H + h
+                m_s = tl.load(ml_ptr + prow * 2, mask=live_q, other=float("-inf"))
+                l_s = tl.load(ml_ptr + prow * 2 + 1, mask=live_q, other=0.0)
+                a_s = tl.load(part_ptr + prow[:, None] * D + d[None, :], mask=live_q[:, None], other=0.0)
+                m_new = tl.maximum(m, m_s)
+                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+                alpha = tl.exp(m - m_safe)
+                w = tl.exp(m_s - m_safe)
+                acc_l = acc_l * alpha + l_s * w
+                acc = acc * alpha[:, None] + a_s * w[:, None]
+                m = m_new
             out = acc / acc_l[:, None]
-            o_off = (row0 + r).to(tl.int64)[:, None] * s_on + h * s_oh + d[None, :]
-            tl.store(out_ptr + o_off, out.to(out_ptr.dtype.element_ty), mask=live_q[:, None])
+            tl.store(out_ptr + rows[:, None] * s_on + h * s_oh + d[None, :], out.to(out_ptr.dtype.element_ty),
+                     mask=live_q[:, None])
 
 
 def varlen_block_q(tokens: int) -> int:
@@ -119,6 +166,18 @@ def varlen_block_q(tokens: int) -> int:
     steps, where a decode row wastes least of its block; 64 for long prompts, where each key tile
     loaded then serves 4x the queries (at 16, a 1k-token prompt's attention took 126 µs a layer)."""
     return 16 if tokens <= 128 else 64
+
+
+def varlen_splits(tokens: int) -> int:
+    """Key-range splits per query block (flash-decoding): a few query blocks over a long cached
+    prefix (a prefix hit: 1 block x 12 heads over 1k keys) would otherwise run ~12 programs of 17
+    sequential tiles each (30 µs a layer on an H200)."""
+    return 8 if tokens <= 128 else 4 if tokens <= 512 else 2
+
+
+def varlen_scratch_rows(buckets: list[int]) -> int:
+    """Rows of partial results the split kernel needs for any of these token buckets."""
+    return max(varlen_splits(t) * t for t in buckets)
 
 
 def query_blocks(chunks: list[tuple[int, int, int]], block_q: int) -> list[tuple[int, int, int, int]]:
@@ -132,22 +191,32 @@ def query_blocks(chunks: list[tuple[int, int, int]], block_q: int) -> list[tuple
 
 
 def paged_varlen_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, qblocks: torch.Tensor,
-                           tables: torch.Tensor, out: torch.Tensor, block_q: int) -> torch.Tensor:
+                           tables: torch.Tensor, out: torch.Tensor, block_q: int, splits: int = 1,
+                           scratch: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """q (N, H, D) one step's flat queries; caches (NB, BS, Hkv, D) already holding the step's new
-    k/v; qblocks (Q, 4) int64 rows of ``query_blocks(..., block_q)`` (padded with zero rows: skipped); tables (S, nb)
-    block ids of each sequence -> attention output written into ``out`` (N, H, D) for the rows the
-    query blocks cover (others untouched)."""
-    _, H, D = q.shape
+    k/v; qblocks (Q, 4) int64 rows of ``query_blocks(..., block_q)`` (padded with zero rows:
+    skipped); tables (S, nb) block ids of each sequence -> attention output written into ``out``
+    (N, H, D) for the rows the query blocks cover (others untouched). ``splits > 1`` splits each
+    block's keys over that many programs, whose fp32 partials go to ``scratch`` = (acc (R, H, D),
+    max and sum (R, H, 2)) with R >= splits * N, and a second kernel combines them."""
+    N, H, D = q.shape
     _, BS, Hkv, _ = k_cache.shape
     if k_cache.stride(3) != 1 or v_cache.stride() != k_cache.stride() or q.stride(2) != 1 or out.stride(2) != 1:
         raise ValueError("paged_varlen_attention needs contiguous head dims and caches laid out alike")
-    _paged_varlen[(qblocks.shape[0], H)](
-        q, k_cache, v_cache, qblocks, tables, out,
+    if splits > 1 and (scratch is None or scratch[0].shape[0] < splits * N):
+        raise ValueError(f"paged_varlen_attention with {splits} splits needs scratch for {splits * N} rows")
+    part, ml = scratch if splits > 1 else (out, out)
+    grid = (qblocks.shape[0], H)
+    _paged_varlen[(*grid, splits)](
+        q, k_cache, v_cache, qblocks, tables, out, part, ml,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), tables.stride(0),
-        out.stride(0), out.stride(1), D**-0.5,
-        N_REP=H // Hkv, BS=BS, D=D, BLOCK_Q=block_q, TILE=64,
+        out.stride(0), out.stride(1), N, D**-0.5,
+        N_REP=H // Hkv, BS=BS, D=D, BLOCK_Q=block_q, TILE=64, SPLITS=splits,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=4 if block_q <= 16 else 8,
     )
+    if splits > 1:
+        _varlen_combine[grid](qblocks, out, part, ml, out.stride(0), out.stride(1), N,
+                              D=D, BLOCK_Q=block_q, TILE=64, SPLITS=splits, num_warps=4)
     return out
 
 

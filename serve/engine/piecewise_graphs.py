@@ -31,7 +31,13 @@ import torch
 
 from serve.engine.fused_model import FusedModel
 from serve.engine.kv_cache_manager import KVCacheManager
-from serve.engine.paged_attention import paged_varlen_attention, query_blocks, varlen_block_q
+from serve.engine.paged_attention import (
+    paged_varlen_attention,
+    query_blocks,
+    varlen_block_q,
+    varlen_scratch_rows,
+    varlen_splits,
+)
 
 
 def token_buckets(max_tokens: int) -> list[int]:
@@ -146,6 +152,8 @@ class StepGraphs:
         self.host_np = self.host.numpy()
         H, D = fused.n_heads, fused.head_dim
         self.o = torch.zeros(T, H, D, dtype=kv.kv[0].dtype, device=device)  # attention output (rows past a step: stale)
+        R = varlen_scratch_rows(self.buckets)  # the split attention's fp32 partials
+        self.scratch = (torch.zeros(R, H, D, device=device), torch.zeros(R, H, 2, device=device))
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}  # until captured, steps run eagerly
         self._copy_done: torch.cuda.Event | None = None
 
@@ -182,7 +190,8 @@ class StepGraphs:
             _, nb, bs, hkv, d = cache.shape
             cache[0].view(nb * bs, hkv, d).index_copy_(0, slots, k)
             cache[1].view(nb * bs, hkv, d).index_copy_(0, slots, v)
-            o = paged_varlen_attention(q, cache[0], cache[1], qblocks, tables, self.o[:t], varlen_block_q(t))
+            o = paged_varlen_attention(q, cache[0], cache[1], qblocks, tables, self.o[:t], varlen_block_q(t),
+                                       varlen_splits(t), self.scratch)
             x = post(x, o, o_w, ln2, gu_w, down_w) if compiled else fm.finish(i, x, o)
         return fm.logits(x.index_select(0, rows))  # (S, V) fp32
 

@@ -120,11 +120,12 @@ def test_paged_decode_kernel_matches_gather_sdpa(dtype, H, Hkv, D, BS):
     torch.testing.assert_close(got, want, rtol=tol, atol=tol)
 
 
-@pytest.mark.parametrize("block_q", [16, 64])
+@pytest.mark.parametrize("block_q,splits", [(16, 1), (64, 1), (16, 8), (64, 3)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("H,Hkv,D,BS", [(12, 12, 64, 16), (8, 2, 32, 16), (4, 1, 64, 8)])
-def test_paged_varlen_kernel_matches_masked_sdpa(dtype, H, Hkv, D, BS, block_q):
-    """Query blocks of a fresh prompt, a chunk after a cached prefix, decode rows and padding rows."""
+def test_paged_varlen_kernel_matches_masked_sdpa(dtype, H, Hkv, D, BS, block_q, splits):
+    """Query blocks of a fresh prompt, a chunk after a cached prefix, decode rows and padding rows;
+    with the keys split over programs (partials combined), whose scratch starts as NaN."""
     import torch.nn.functional as F
 
     from serve.engine.paged_attention import paged_varlen_attention, query_blocks
@@ -142,7 +143,9 @@ def test_paged_varlen_kernel_matches_masked_sdpa(dtype, H, Hkv, D, BS, block_q):
     vc = torch.randn(NB, BS, Hkv, D, device="cuda", dtype=dtype, generator=g)
     qb = torch.tensor(query_blocks(spans, block_q) + [(0, 0, 0, 0)] * 3, device="cuda")
     out = torch.full((row + 5, H, D), 7.0, device="cuda", dtype=dtype)
-    paged_varlen_attention(q, kc, vc, qb, tables, out, block_q)
+    scratch = (torch.full((splits * (row + 5), H, D), float("nan"), device="cuda"),
+               torch.full((splits * (row + 5), H, 2), float("nan"), device="cuda"))
+    paged_varlen_attention(q, kc, vc, qb, tables, out, block_q, splits, scratch)
     for i, (r, n, p) in enumerate(spans):
         ctx = p + n
         k = kc[tables[i]].reshape(-1, Hkv, D)[:ctx].transpose(0, 1).float()
