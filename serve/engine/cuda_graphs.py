@@ -17,17 +17,23 @@ sets its time. Three things cut it:
   between and copies the K × B tokens back once. The host's per-step cost (scheduling, building
   inputs, the sampler's sync) is paid once per K tokens.
 
-``compile=True`` captures each bucket both compiled and eager and keeps the faster replay;
-``compile=False`` (or a model with quantized projections) captures the eager fused forward only.
+Each bucket is captured with every variant of the step there is and the fastest replay is kept:
+``eager`` (the fused forward, always), ``compiled`` (``compile=True``), and, only when asked for
+with ``RETORT_GRAPH_VARIANT=triton``, ``triton`` (plain weights: ``triton_decode``'s five fused
+kernels a layer; slower than the other two on an H200, so not captured by default). A model with
+quantized projections gets the eager forward only. ``RETORT_GRAPH_VARIANT=<name>`` captures that variant alone (tests,
+comparisons; the prefill/mixed step graphs follow it where they have it).
 """
 
 from __future__ import annotations
 
 import bisect
+import os
 from collections.abc import Callable
 
 import torch
 
+from serve.engine import triton_decode
 from serve.engine.fused_model import FusedModel, make_decode_layer
 from serve.engine.kv_cache_manager import KVCacheManager
 
@@ -69,10 +75,19 @@ class DecodeGraphs:
         weights = [fused.decode_weights(i) for i in range(len(fused.layers))]
         self.layer_weights = weights if compile and all(w is not None for w in weights) else None
         self.layer_fn = None
-        self.chosen: dict[tuple[int, int], str] = {}  # bucket -> "compiled" | "eager", when both were captured
+        self.chosen: dict[tuple[int, int], str] = {}  # bucket -> the variant kept, when several were captured
+        self.triton_fn = None
         if self.layer_weights:
             self.layer_fn = make_decode_layer(fused.n_heads, fused.n_kv_heads, fused.head_dim, fused.eps, compile=True,
                                               paged=paged)
+        # the fused Triton block (five kernels a layer): opt-in, it lost to cuBLAS + Inductor on an H200
+        # at every decode batch (see triton_decode); plain weights (layers and LM head) only
+        if triton_decode.requested() and all(w is not None for w in weights) \
+                and triton_decode.available(device, fused.head_dim) \
+                and type(fused.model.lm_head) is torch.nn.Linear and fused.model.lm_head.bias is None:
+            self.triton_weights = weights
+            self.triton_fn = triton_decode.make_triton_decode_layer(fused.n_heads, fused.n_kv_heads, fused.head_dim,
+                                                                    fused.eps)
 
     def _pad_inputs(self) -> None:
         """Every row padding: token 0 at position 0 of the scratch block (what capture and the
@@ -91,16 +106,23 @@ class DecodeGraphs:
                     self.graphs[(b, nb)] = self._capture_best(b, nb)
 
     def _capture_best(self, b: int, nb: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
-        """With the compiled decode block: capture the bucket both ways and keep the faster replay
-        (on an H200 the compiled block halved a batch-1 step but was 17% slower at batch 64)."""
-        if self.layer_fn is None:
-            return self._capture(b, nb, compiled=False)
+        """Capture the bucket with every variant there is and keep the fastest replay: ``eager``
+        (the fused forward), ``compiled`` (Inductor's decode block; on an H200 it halved a batch-1
+        step but was 17% slower at batch 64), ``triton`` (``triton_decode``'s five kernels a layer)."""
+        variants = ["eager"] + (["compiled"] if self.layer_fn else []) + (["triton"] if self.triton_fn else [])
+        forced = os.environ.get("RETORT_GRAPH_VARIANT")
+        if forced:
+            if forced not in variants:
+                raise ValueError(f"RETORT_GRAPH_VARIANT={forced!r} is not available here; available: {variants}")
+            variants = [forced]
+        if len(variants) == 1:
+            return self._capture(b, nb, variants[0])
         timed = []
-        for compiled in (True, False):
-            graph, out = self._capture(b, nb, compiled)
-            timed.append((_replay_us(graph), compiled, graph, out))
+        for variant in variants:
+            graph, out = self._capture(b, nb, variant)
+            timed.append((_replay_us(graph), variant, graph, out))
         timed.sort(key=lambda t: t[0])
-        self.chosen[(b, nb)] = "compiled" if timed[0][1] else "eager"
+        self.chosen[(b, nb)] = timed[0][1]
         return timed[0][2], timed[0][3]
 
     def fits(self, batch: int, blocks: int) -> bool:
@@ -138,7 +160,7 @@ class DecodeGraphs:
             graph.replay()
         return out[:n] if steps == 1 else self.history[:n, :steps]
 
-    def _step_fn(self, b: int, nb: int, compiled: bool) -> Callable[[], torch.Tensor]:
+    def _step_fn(self, b: int, nb: int, variant: str) -> Callable[[], torch.Tensor]:
         from serve.engine.model_runner import PagedAttention, StepMetadata
 
         fm, bs = self.fused, self.kv.block_size
@@ -151,15 +173,22 @@ class DecodeGraphs:
                                                          self.kv.kv[0].dtype)
             x = fm.embed(tokens)  # (b, d)
             cos, sin = fm.rope_tables(positions)
-            if compiled:
-                for w, cache in zip(self.layer_weights, self.kv.kv, strict=True):
-                    x = self.layer_fn(x, cos, sin, w, cache[0], cache[1], slots, tables, mask, ctx)
-            else:
+            if variant == "eager":
                 attn = PagedAttention(self.kv, StepMetadata(slots, slots, tables, mask, [], ctx))
                 for i in range(len(fm.layers)):
                     q, k, v = fm.qkv(i, x, cos, sin)
                     x = fm.finish(i, x, attn.attend(i, q, k, v))
-            logits = fm.logits(x)  # (b, V)
+                logits = fm.logits(x)  # (b, V)
+            elif variant == "compiled":
+                for w, cache in zip(self.layer_weights, self.kv.kv, strict=True):
+                    x = self.layer_fn(x, cos, sin, w, cache[0], cache[1], slots, tables, mask, ctx)
+                logits = fm.logits(x)
+            else:
+                for w, cache in zip(self.triton_weights, self.kv.kv, strict=True):
+                    x = self.triton_fn(x, cos, sin, w, cache[0], cache[1], slots, tables, mask, ctx)
+                m = fm.model
+                logits = triton_decode.norm_linear(x, m.model.norm.weight, m.model.norm.eps, m.lm_head.weight,
+                                                   out_dtype=torch.float32)
             if self.max_steps > 1:
                 self._advance(inp, tables, logits, b, nb)
             return logits
@@ -182,8 +211,8 @@ class DecodeGraphs:
         inp[:, 3] += 1
 
     @torch.inference_mode()
-    def _capture(self, b: int, nb: int, compiled: bool) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
-        fn = self._step_fn(b, nb, compiled)
+    def _capture(self, b: int, nb: int, variant: str) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        fn = self._step_fn(b, nb, variant)
         self._pad_inputs()
         # the warm-up run (which also compiles) and the capture write only the scratch block
         side = torch.cuda.Stream(self.device)

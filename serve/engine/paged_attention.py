@@ -161,6 +161,53 @@ if triton is not None:
                      mask=live_q[:, None])
 
 
+    @triton.jit
+    def _rope_and_cache(qkv_ptr, cos_ptr, sin_ptr, k_ptr, v_ptr, slots_ptr, q_ptr,
+                        s_qkv, s_cos, s_kslot, s_kh, s_qn, s_qh,
+                        H: tl.constexpr, HKV: tl.constexpr, HP: tl.constexpr, D: tl.constexpr):
+        n = tl.program_id(0)
+        hh = tl.arange(0, HP)
+        d = tl.arange(0, D)
+        rot = (d + D // 2) % D  # rotate-half partner
+        sign = tl.where(d < D // 2, -1.0, 1.0)
+        row = qkv_ptr + n.to(tl.int64) * s_qkv
+        cos = tl.load(cos_ptr + n.to(tl.int64) * s_cos + d).to(tl.float32)
+        sin = tl.load(sin_ptr + n.to(tl.int64) * s_cos + d).to(tl.float32)
+        dt = q_ptr.dtype.element_ty
+        slot = tl.load(slots_ptr + n).to(tl.int64)
+        # x * cos + rotate_half(x) * sin, rounded per op as torch does on 16-bit tensors
+        lq = hh < H
+        x = tl.load(row + hh[:, None] * D + d[None, :], mask=lq[:, None], other=0.0).to(tl.float32)
+        xr = tl.load(row + hh[:, None] * D + rot[None, :], mask=lq[:, None], other=0.0).to(tl.float32)
+        y = (x * cos[None, :]).to(dt).to(tl.float32) + (sign[None, :] * xr * sin[None, :]).to(dt).to(tl.float32)
+        tl.store(q_ptr + n.to(tl.int64) * s_qn + hh[:, None] * s_qh + d[None, :], y.to(dt), mask=lq[:, None])
+        lk = hh < HKV
+        kp = row + H * D
+        x = tl.load(kp + hh[:, None] * D + d[None, :], mask=lk[:, None], other=0.0).to(tl.float32)
+        xr = tl.load(kp + hh[:, None] * D + rot[None, :], mask=lk[:, None], other=0.0).to(tl.float32)
+        y = (x * cos[None, :]).to(dt).to(tl.float32) + (sign[None, :] * xr * sin[None, :]).to(dt).to(tl.float32)
+        tl.store(k_ptr + slot * s_kslot + hh[:, None] * s_kh + d[None, :], y.to(dt), mask=lk[:, None])
+        v = tl.load(row + (H + HKV) * D + hh[:, None] * D + d[None, :], mask=lk[:, None], other=0.0)
+        tl.store(v_ptr + slot * s_kslot + hh[:, None] * s_kh + d[None, :], v, mask=lk[:, None])
+
+
+def rope_and_cache(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
+                   v_cache: torch.Tensor, slots: torch.Tensor, q_out: torch.Tensor) -> torch.Tensor:
+    """One kernel for what follows the q/k/v projection: qkv (N, (H + 2 Hkv) D) -> RoPE'd q into
+    ``q_out`` (N, H, D); RoPE'd k and v into ``slots`` (N,) of the (NB, BS, Hkv, D) caches. cos/sin
+    (N, [1,] D) in the activation dtype (``fused_model.rope``'s rounding)."""
+    N, H, D = q_out.shape
+    _, BS, Hkv, _ = k_cache.shape
+    cos2, sin2 = cos.reshape(N, D), sin.reshape(N, D)
+    if qkv.stride(1) != 1 or cos2.stride() != sin2.stride() or cos2.stride(1) != 1 or k_cache.stride(3) != 1 \
+            or v_cache.stride() != k_cache.stride() or q_out.stride(2) != 1 or k_cache.stride(0) != BS * k_cache.stride(1):
+        raise ValueError("rope_and_cache needs contiguous rows, caches laid out alike with contiguous blocks")
+    _rope_and_cache[(N,)](qkv, cos2, sin2, k_cache, v_cache, slots, q_out,
+                          qkv.stride(0), cos2.stride(0), k_cache.stride(1), k_cache.stride(2), q_out.stride(0),
+                          q_out.stride(1), H=H, HKV=Hkv, HP=triton.next_power_of_2(max(H, Hkv)), D=D, num_warps=4)
+    return q_out
+
+
 def varlen_block_q(tokens: int) -> int:
     """Rows per query block for a step of ``tokens`` rows: 16 (``tl.dot``'s smallest M) for short
     steps, where a decode row wastes least of its block; 64 for long prompts, where each key tile

@@ -25,19 +25,24 @@ went from ~3 ms (12 eager attention calls of ~200 µs of host time each) to the 
 from __future__ import annotations
 
 import bisect
+import os
 
 import numpy as np
 import torch
 
+from serve.engine import triton_decode
 from serve.engine.fused_model import FusedModel
 from serve.engine.kv_cache_manager import KVCacheManager
 from serve.engine.paged_attention import (
     paged_varlen_attention,
     query_blocks,
+    rope_and_cache,
     varlen_block_q,
     varlen_scratch_rows,
     varlen_splits,
 )
+
+TRITON_MAX_TOKENS = 64  # buckets up to this many rows also try triton_decode's GEMMs (tuned for M <= 64)
 
 
 def token_buckets(max_tokens: int) -> list[int]:
@@ -137,9 +142,15 @@ class StepGraphs:
         # every bucket is then captured both ways and the faster replay kept, as for decode
         self.compiled = None
         weights = [fused.decode_weights(i) for i in range(len(fused.layers))]
-        if compile and all(w is not None for w in weights):
-            self.compiled = (weights, torch.compile(fused.pre, dynamic=True, fullgraph=True),
+        self.weights = weights if all(w is not None for w in weights) else None
+        if compile and self.weights:
+            self.compiled = (torch.compile(fused.pre, dynamic=True, fullgraph=True),
                              torch.compile(fused.post, dynamic=True, fullgraph=True))
+        # small buckets, when asked for: triton_decode's fused GEMMs (norm in the prologue, residual in
+        # the epilogue); opt-in like the decode graphs' triton variant (slower than cuBLAS on an H200)
+        lm = fused.model.lm_head
+        self.triton = triton_decode.requested() and bool(self.weights) and triton_decode.available(device, fused.head_dim) \
+            and type(lm) is torch.nn.Linear and lm.bias is None
         self.chosen: dict[int, str] = {}
         self.buckets = token_buckets(max_tokens)
         T, S, NB = self.buckets[-1], max_seqs, max_blocks
@@ -152,6 +163,7 @@ class StepGraphs:
         self.host_np = self.host.numpy()
         H, D = fused.n_heads, fused.head_dim
         self.o = torch.zeros(T, H, D, dtype=kv.kv[0].dtype, device=device)  # attention output (rows past a step: stale)
+        self.q = torch.zeros(TRITON_MAX_TOKENS, H, D, dtype=kv.kv[0].dtype, device=device)  # the triton variant's q
         R = varlen_scratch_rows(self.buckets)  # the split attention's fp32 partials
         self.scratch = (torch.zeros(R, H, D, device=device), torch.zeros(R, H, 2, device=device))
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}  # until captured, steps run eagerly
@@ -174,40 +186,66 @@ class StepGraphs:
         return (inp[o[0] : o[0] + t], inp[o[1] : o[1] + t], inp[o[2] : o[2] + t], inp[o[3] : o[4]],
                 inp[o[4] : o[4] + q * 4].view(q, 4), inp[o[5] : o[6]].view(self.S, self.NB))
 
-    def _forward(self, t: int, compiled: bool = False) -> torch.Tensor:
+    def variants(self, t: int) -> list[str]:
+        """The ways bucket ``t`` can be captured (the fastest replay is kept); ``RETORT_GRAPH_VARIANT``
+        forces one where it is available (else eager), as for the decode graphs."""
+        v = ["eager"] + (["compiled"] if self.compiled else [])
+        v += ["triton"] if self.triton and t <= TRITON_MAX_TOKENS else []
+        forced = os.environ.get("RETORT_GRAPH_VARIANT")
+        return v if not forced else [forced] if forced in v else ["eager"]
+
+    def _forward(self, t: int, variant: str = "eager") -> torch.Tensor:
         fm, kv = self.fused, self.kv
         tokens, positions, slots, rows, qblocks, tables = self._views(t)
         x = fm.embed(tokens)
         cos, sin = fm.rope_tables(positions)
+        H, D = fm.n_heads, fm.head_dim
         for i in range(len(fm.layers)):
-            if compiled:
-                weights, pre, post = self.compiled
-                ln1, qkv_w, qkv_b, o_w, ln2, gu_w, down_w = weights[i]
-                q, k, v = pre(x, cos, sin, ln1, qkv_w, qkv_b)
-            else:
-                q, k, v = fm.qkv(i, x, cos, sin)
             cache = kv.kv[i]
             _, nb, bs, hkv, d = cache.shape
-            cache[0].view(nb * bs, hkv, d).index_copy_(0, slots, k)
-            cache[1].view(nb * bs, hkv, d).index_copy_(0, slots, v)
+            if variant == "triton":
+                ln1, qkv_w, qkv_b, o_w, ln2, gu_w, down_w = self.weights[i]
+                qkv = triton_decode.norm_linear(x, ln1, fm.eps, qkv_w, qkv_b)
+                q = rope_and_cache(qkv, cos, sin, cache[0], cache[1], slots, self.q[:t])
+            elif variant == "compiled":
+                ln1, qkv_w, qkv_b, o_w, ln2, gu_w, down_w = self.weights[i]
+                q, k, v = self.compiled[0](x, cos, sin, ln1, qkv_w, qkv_b)
+            else:
+                q, k, v = fm.qkv(i, x, cos, sin)
+            if variant != "triton":
+                cache[0].view(nb * bs, hkv, d).index_copy_(0, slots, k)
+                cache[1].view(nb * bs, hkv, d).index_copy_(0, slots, v)
             o = paged_varlen_attention(q, cache[0], cache[1], qblocks, tables, self.o[:t], varlen_block_q(t),
                                        varlen_splits(t), self.scratch)
-            x = post(x, o, o_w, ln2, gu_w, down_w) if compiled else fm.finish(i, x, o)
+            if variant == "triton":
+                x = triton_decode.linear_residual(o.view(t, H * D), o_w, x)
+                gu = triton_decode.norm_linear(x, ln2, fm.eps, gu_w)
+                x = triton_decode.swiglu_linear_residual(gu, down_w, x, out=x)
+            elif variant == "compiled":
+                x = self.compiled[1](x, o, o_w, ln2, gu_w, down_w)
+            else:
+                x = fm.finish(i, x, o)
+        if variant == "triton":
+            m = fm.model
+            return triton_decode.norm_linear(x.index_select(0, rows), m.model.norm.weight, m.model.norm.eps,
+                                             m.lm_head.weight, out_dtype=torch.float32)
         return fm.logits(x.index_select(0, rows))  # (S, V) fp32
 
     def capture_all(self) -> None:
-        """Capture every bucket now, largest first (the pool's memory is then reused)."""
+        """Capture every bucket now, largest first (the pool's memory is then reused), with each
+        variant when there are several, keeping the fastest replay."""
         from serve.engine.cuda_graphs import _replay_us
 
         self.pool = torch.cuda.graph_pool_handle()
         for t in reversed(self.buckets):
-            if self.compiled is None:
-                self.graphs[t] = self._capture(t, False)
+            variants = self.variants(t)
+            if len(variants) == 1:
+                self.graphs[t] = self._capture(t, variants[0])
                 continue
-            timed = sorted(((_replay_us(g[0]), c, g) for c in (True, False) for g in [self._capture(t, c)]),
+            timed = sorted(((_replay_us(g[0]), v, g) for v in variants for g in [self._capture(t, v)]),
                            key=lambda x: x[0])
             self.graphs[t] = timed[0][2]
-            self.chosen[t] = "compiled" if timed[0][1] else "eager"
+            self.chosen[t] = timed[0][1]
 
     def _pad(self) -> None:
         """All inputs padding: token 0 at position 0 into the scratch block, no query blocks."""
@@ -216,17 +254,17 @@ class StepGraphs:
         h[o[2] : o[3]] = self.kv.scratch_block * self.kv.block_size
 
     @torch.inference_mode()
-    def _capture(self, t: int, compiled: bool) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+    def _capture(self, t: int, variant: str) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
         self._pad()
         self.inputs.copy_(self.host)
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
-            self._forward(t, compiled)  # warm-up, compiles (padding inputs: only the scratch block is written)
+            self._forward(t, variant)  # warm-up, compiles (padding inputs: only the scratch block is written)
         torch.cuda.current_stream(self.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
-            out = self._forward(t, compiled)
+            out = self._forward(t, variant)
         return graph, out
 
     @torch.inference_mode()

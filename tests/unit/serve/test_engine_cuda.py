@@ -17,12 +17,14 @@ def run(dtype: str, eager: bool, prompts, **kw):
     return [c.token_ids for c in out], eng
 
 
-@pytest.mark.parametrize("eager,compiled,triton", [(True, False, True), (False, False, True), (False, True, True),
-                                                    (False, False, False)])
-def test_fp32_matches_cpu_reference(eager, compiled, triton, monkeypatch):
-    """Mixed batches, chunked prefill, preemption and prefix hits; with Triton whole prefill/mixed
-    steps are graphs (``StepGraphs``), without it piecewise graphs around eager SDPA."""
-    monkeypatch.setenv("RETORT_ENGINE_COMPILE", "1" if compiled else "0")
+@pytest.mark.parametrize("eager,variant,triton", [(True, "eager", True), (False, "eager", True), (False, "compiled", True),
+                                                   (False, "triton", True), (False, "eager", False)])
+def test_fp32_matches_cpu_reference(eager, variant, triton, monkeypatch):
+    """Mixed batches, chunked prefill, preemption and prefix hits, with each decode-graph variant;
+    with Triton whole prefill/mixed steps are graphs (``StepGraphs``), without it piecewise graphs
+    around eager SDPA."""
+    monkeypatch.setenv("RETORT_ENGINE_COMPILE", "1" if variant == "compiled" else "0")
+    monkeypatch.setenv("RETORT_GRAPH_VARIANT", variant)
     if not triton:
         import serve.engine.model_runner as mr
 
@@ -37,9 +39,11 @@ def test_fp32_matches_cpu_reference(eager, compiled, triton, monkeypatch):
     assert eng.stats().num_preemptions > 0 or eng.stats().prefix_hits > 0
     if not eager:
         assert eng.runner.graphs is not None and eng.runner.graphs.graphs
-        assert (eng.runner.graphs.layer_fn is not None) == compiled
+        assert (eng.runner.graphs.layer_fn is not None) == (variant == "compiled")
         graphs = eng.runner.steps if triton else eng.runner.pieces  # prefill / mixed steps
         assert graphs is not None and graphs.buckets == [16, 32, 48]
+        if triton:
+            assert graphs.variants(16) == [variant]
         assert (eng.runner.steps is None) == (not triton) and (eng.runner.pieces is None) == triton
 
 
@@ -69,12 +73,13 @@ def test_sampling_on_cuda_seeded():
     assert all(len(c.logprobs) == 8 for c in a)
 
 
-@pytest.mark.parametrize("compiled", [False, True])
-def test_multi_step_graph_bursts_match_reference(compiled, monkeypatch):
+@pytest.mark.parametrize("variant", ["eager", "compiled", "triton"])
+def test_multi_step_graph_bursts_match_reference(variant, monkeypatch):
     """Bursts of up to 8 graph replays that feed their own greedy tokens forward (positions crossing
     block boundaries, stops inside a burst, batch sizes shrinking as requests finish) give the
     reference tokens."""
-    monkeypatch.setenv("RETORT_ENGINE_COMPILE", "1" if compiled else "0")
+    monkeypatch.setenv("RETORT_ENGINE_COMPILE", "1" if variant == "compiled" else "0")
+    monkeypatch.setenv("RETORT_GRAPH_VARIANT", variant)
     torch.backends.cuda.matmul.allow_tf32 = False
     ref = tiny_model()
     prompts = random_prompts(9, 1, 70, seed=31)
