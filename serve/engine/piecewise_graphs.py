@@ -163,7 +163,7 @@ class StepGraphs:
         self.host_np = self.host.numpy()
         H, D = fused.n_heads, fused.head_dim
         self.o = torch.zeros(T, H, D, dtype=kv.kv[0].dtype, device=device)  # attention output (rows past a step: stale)
-        self.q = torch.zeros(TRITON_MAX_TOKENS, H, D, dtype=kv.kv[0].dtype, device=device)  # the triton variant's q
+        self.q = torch.zeros(TRITON_MAX_TOKENS, H, D, dtype=kv.kv[0].dtype, device=device) if self.triton else None
         R = varlen_scratch_rows(self.buckets)  # the split attention's fp32 partials
         self.scratch = (torch.zeros(R, H, D, device=device), torch.zeros(R, H, 2, device=device))
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}  # until captured, steps run eagerly
