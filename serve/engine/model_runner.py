@@ -14,7 +14,10 @@ only per-sequence part (``PagedAttention``):
   bottom-right causal bias, ``causal_lower_right``, so the fused kernel runs with no mask tensor).
 
 The same code runs on CUDA (SDPA picks its fused kernels; the metadata is built on the host and
-copied once per step, not per layer).
+copied once per step, not per layer). With CUDA graphs, a step rarely comes here: pure decode steps
+replay ``cuda_graphs.DecodeGraphs``; other steps that fit a token bucket replay one whole-step graph
+(``piecewise_graphs.StepGraphs``, Triton attention over the paged pool) or, without Triton, pieces
+between eager ``PagedAttention`` calls (``PiecewiseGraphs``).
 """
 
 from __future__ import annotations
