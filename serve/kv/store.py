@@ -28,7 +28,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
-MAGIC = b"RKV2"
+MAGIC = b"RKV3"  # RKV3: int64-word checksums
 _HEADER = struct.Struct("<4sB5I48sq")  # magic, dtype code, (L, 2, bs, h, d), key, checksum(payload)
 HEADER_BYTES = _HEADER.size
 NAMESPACE_BYTES = 16
@@ -73,7 +73,7 @@ def layout_namespace(model_id: str, layout: BlockLayout) -> bytes:
     """16 bytes naming (model identity, dtype, block layout); the first part of every key."""
     h = hashlib.sha256()
     for part in (
-        b"retort-kv-store-v1",
+        b"retort-kv-store-v2",  # v2: RKV3 records (another checksum): old records are not looked up
         model_id.encode(),
         str(layout.dtype).encode(),
         repr(layout.shape).encode(),
@@ -93,16 +93,17 @@ _WEIGHTS: dict[tuple[torch.device, int], torch.Tensor] = {}
 def payload_checksums(raw: torch.Tensor) -> torch.Tensor:
     """``raw`` (n, payload_bytes) uint8 on any device -> (n,) int64 checksums, equal on every device.
 
-    ``sum(w) + 1000003 * sum(i * w)`` over the payload's int32 words ``w`` (products wrap in int32, sums
-    are int64 and wrap modulo 2^64, so the order of a device's reduction does not matter). Catches
-    truncation, flipped bits and swapped words; it is an integrity check, not a defence against forgery
-    (the store is trusted like the cluster)."""
-    words = raw.view(torch.int32)  # payloads are whole blocks: a multiple of 4 bytes
+    ``sum(w) + 1000003 * sum(i * w)`` over the payload's int64 words ``w`` (products and sums wrap
+    modulo 2^64, so the order of a device's reduction does not matter). Catches truncation, flipped
+    bits and swapped words; it is an integrity check, not a defence against forgery (the store is
+    trusted like the cluster). int64 words, not int32 summed into int64: on a CPU that widening sum
+    was most of the time (6.3 MB on this CPU: 5.4 -> 1.4 ms)."""
+    words = raw.view(torch.int64)  # payloads are whole blocks: a multiple of 8 bytes (K and V, head_dim >= 4)
     key = (words.device, words.shape[1])
     w = _WEIGHTS.get(key)
     if w is None:
-        w = _WEIGHTS[key] = torch.arange(1, words.shape[1] + 1, dtype=torch.int32, device=words.device)
-    return words.sum(1, dtype=torch.int64) + 1000003 * (words * w).sum(1, dtype=torch.int64)
+        w = _WEIGHTS[key] = torch.arange(1, words.shape[1] + 1, dtype=torch.int64, device=words.device)
+    return words.sum(1) + 1000003 * (words * w).sum(1)
 
 
 def encode_blocks(
