@@ -47,6 +47,19 @@ def buckets(limit: int, start: list[int]) -> list[int]:
     return sorted(set(out + [limit]))
 
 
+def graph_variants(available: list[str], strict: bool) -> list[str]:
+    """The variants to capture a bucket with: all ``available`` (the fastest replay is kept), or the
+    one ``RETORT_GRAPH_VARIANT`` names — an error if it is not available (``strict``), else eager."""
+    forced = os.environ.get("RETORT_GRAPH_VARIANT")
+    if not forced:
+        return available
+    if forced in available:
+        return [forced]
+    if strict:
+        raise ValueError(f"RETORT_GRAPH_VARIANT={forced!r} is not available here; available: {available}")
+    return ["eager"]
+
+
 def additive_mask(keep: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """(B, L) bool keep-mask -> (B, 1, 1, L) additive mask, built once per step (not per layer)."""
     return torch.zeros(keep.shape, dtype=dtype, device=keep.device).masked_fill_(~keep, float("-inf"))[:, None, None, :]
@@ -81,10 +94,8 @@ class DecodeGraphs:
             self.layer_fn = make_decode_layer(fused.n_heads, fused.n_kv_heads, fused.head_dim, fused.eps, compile=True,
                                               paged=paged)
         # the fused Triton block (five kernels a layer): opt-in, it lost to cuBLAS + Inductor on an H200
-        # at every decode batch (see triton_decode); plain weights (layers and LM head) only
-        if triton_decode.requested() and all(w is not None for w in weights) \
-                and triton_decode.available(device, fused.head_dim) \
-                and type(fused.model.lm_head) is torch.nn.Linear and fused.model.lm_head.bias is None:
+        # at every decode batch (see triton_decode)
+        if triton_decode.usable(fused, device):
             self.triton_weights = weights
             self.triton_fn = triton_decode.make_triton_decode_layer(fused.n_heads, fused.n_kv_heads, fused.head_dim,
                                                                     fused.eps)
@@ -109,12 +120,8 @@ class DecodeGraphs:
         """Capture the bucket with every variant there is and keep the fastest replay: ``eager``
         (the fused forward), ``compiled`` (Inductor's decode block; on an H200 it halved a batch-1
         step but was 17% slower at batch 64), ``triton`` (``triton_decode``'s five kernels a layer)."""
-        variants = ["eager"] + (["compiled"] if self.layer_fn else []) + (["triton"] if self.triton_fn else [])
-        forced = os.environ.get("RETORT_GRAPH_VARIANT")
-        if forced:
-            if forced not in variants:
-                raise ValueError(f"RETORT_GRAPH_VARIANT={forced!r} is not available here; available: {variants}")
-            variants = [forced]
+        variants = graph_variants(["eager"] + (["compiled"] if self.layer_fn else [])
+                                  + (["triton"] if self.triton_fn else []), strict=True)
         if len(variants) == 1:
             return self._capture(b, nb, variants[0])
         timed = []
@@ -186,9 +193,7 @@ class DecodeGraphs:
             else:
                 for w, cache in zip(self.triton_weights, self.kv.kv, strict=True):
                     x = self.triton_fn(x, cos, sin, w, cache[0], cache[1], slots, tables, mask, ctx)
-                m = fm.model
-                logits = triton_decode.norm_linear(x, m.model.norm.weight, m.model.norm.eps, m.lm_head.weight,
-                                                   out_dtype=torch.float32)
+                logits = triton_decode.logits(fm, x)
             if self.max_steps > 1:
                 self._advance(inp, tables, logits, b, nb)
             return logits

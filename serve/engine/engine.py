@@ -198,8 +198,6 @@ class LLMEngine:
         if not isinstance(prompt_token_ids, (list, tuple)) or len(prompt_token_ids) == 0:
             raise EngineInputError("prompt must contain at least one token")
         prompt = list(prompt_token_ids)
-        if all(type(t) is int for t in prompt) and min(prompt) >= 0 and max(prompt) < self.vocab_size:
-            return prompt  # the common case: a 1k-token prompt checked in ~40 µs, not ~100
         for t in prompt:
             if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < self.vocab_size:
                 raise EngineInputError(f"token id {t!r} is out of range [0, {self.vocab_size})")

@@ -25,12 +25,12 @@ went from ~3 ms (12 eager attention calls of ~200 µs of host time each) to the 
 from __future__ import annotations
 
 import bisect
-import os
 
 import numpy as np
 import torch
 
 from serve.engine import triton_decode
+from serve.engine.cuda_graphs import _replay_us, graph_variants
 from serve.engine.fused_model import FusedModel
 from serve.engine.kv_cache_manager import KVCacheManager
 from serve.engine.paged_attention import (
@@ -148,9 +148,7 @@ class StepGraphs:
                              torch.compile(fused.post, dynamic=True, fullgraph=True))
         # small buckets, when asked for: triton_decode's fused GEMMs (norm in the prologue, residual in
         # the epilogue); opt-in like the decode graphs' triton variant (slower than cuBLAS on an H200)
-        lm = fused.model.lm_head
-        self.triton = triton_decode.requested() and bool(self.weights) and triton_decode.available(device, fused.head_dim) \
-            and type(lm) is torch.nn.Linear and lm.bias is None
+        self.triton = triton_decode.usable(fused, device)
         self.chosen: dict[int, str] = {}
         self.buckets = token_buckets(max_tokens)
         T, S, NB = self.buckets[-1], max_seqs, max_blocks
@@ -190,9 +188,7 @@ class StepGraphs:
         """The ways bucket ``t`` can be captured (the fastest replay is kept); ``RETORT_GRAPH_VARIANT``
         forces one where it is available (else eager), as for the decode graphs."""
         v = ["eager"] + (["compiled"] if self.compiled else [])
-        v += ["triton"] if self.triton and t <= TRITON_MAX_TOKENS else []
-        forced = os.environ.get("RETORT_GRAPH_VARIANT")
-        return v if not forced else [forced] if forced in v else ["eager"]
+        return graph_variants(v + (["triton"] if self.triton and t <= TRITON_MAX_TOKENS else []), strict=False)
 
     def _forward(self, t: int, variant: str = "eager") -> torch.Tensor:
         fm, kv = self.fused, self.kv
@@ -225,17 +221,12 @@ class StepGraphs:
                 x = self.compiled[1](x, o, o_w, ln2, gu_w, down_w)
             else:
                 x = fm.finish(i, x, o)
-        if variant == "triton":
-            m = fm.model
-            return triton_decode.norm_linear(x.index_select(0, rows), m.model.norm.weight, m.model.norm.eps,
-                                             m.lm_head.weight, out_dtype=torch.float32)
-        return fm.logits(x.index_select(0, rows))  # (S, V) fp32
+        x = x.index_select(0, rows)
+        return triton_decode.logits(fm, x) if variant == "triton" else fm.logits(x)  # (S, V) fp32
 
     def capture_all(self) -> None:
         """Capture every bucket now, largest first (the pool's memory is then reused), with each
         variant when there are several, keeping the fastest replay."""
-        from serve.engine.cuda_graphs import _replay_us
-
         self.pool = torch.cuda.graph_pool_handle()
         for t in reversed(self.buckets):
             variants = self.variants(t)

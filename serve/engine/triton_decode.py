@@ -57,6 +57,20 @@ def requested() -> bool:
     return os.environ.get("RETORT_GRAPH_VARIANT") == "triton"
 
 
+def usable(fused, device: torch.device) -> bool:
+    """The engine may capture this variant for ``fused`` (a ``FusedModel``): requested, Triton on
+    CUDA, and plain weights everywhere (every layer's projections and an unbiased LM head)."""
+    lm = fused.model.lm_head
+    return requested() and available(device, fused.head_dim) and type(lm) is torch.nn.Linear and lm.bias is None \
+        and all(fused.decode_weights(i) is not None for i in range(len(fused.layers)))
+
+
+def logits(fused, x: torch.Tensor) -> torch.Tensor:
+    """``fused.logits(x)`` (final norm, LM head, fp32) in one ``norm_linear`` launch."""
+    m = fused.model
+    return norm_linear(x, m.model.norm.weight, m.model.norm.eps, m.lm_head.weight, out_dtype=torch.float32)
+
+
 def available(device: torch.device, head_dim: int) -> bool:
     """Triton is importable, the device is CUDA and the head size a power of two (``tl.arange``)."""
     return triton is not None and device.type == "cuda" and head_dim & (head_dim - 1) == 0
