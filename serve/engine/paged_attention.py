@@ -35,6 +35,14 @@ def available(device: torch.device, head_dim: int) -> bool:
 
 if triton is not None:
 
+    @triton.jit
+    def kv_offsets(table_ptr, pos, live, BS: tl.constexpr, s_kblk, s_ktok, head_off):
+        """Element offsets in the paged pool of the tokens at positions ``pos`` of one sequence
+        (``table_ptr``: its block-table row; masked positions read block 0): the shared first step
+        of every kernel that reads K/V through a block table."""
+        blk = tl.load(table_ptr + pos // BS, mask=live, other=0)
+        return blk.to(tl.int64) * s_kblk + (pos % BS) * s_ktok + head_off
+
     # The table width and context lengths vary from step to step: not specialized (one compiled
     # kernel for all, no compile while serving). The q / cache / out strides are model constants
     # (multiples of the head size) and stay specialized: Triton then knows every row start is
@@ -56,8 +64,7 @@ if triton is not None:
         for start in range(0, ctx, TILE):
             pos = start + t
             live = pos < ctx
-            blk = tl.load(tables_ptr + b * s_tb + pos // BS, mask=live, other=0)
-            off = blk.to(tl.int64) * s_kblk + (pos % BS) * s_ktok + kvh * s_kh
+            off = kv_offsets(tables_ptr + b * s_tb, pos, live, BS, s_kblk, s_ktok, kvh * s_kh)
             k = tl.load(k_ptr + off[:, None] + d[None, :], mask=live[:, None], other=0.0).to(tl.float32)
             s = tl.where(live, tl.sum(k * q[None, :], axis=1), float("-inf"))
             m_new = tl.maximum(m, tl.max(s, 0))
@@ -103,8 +110,7 @@ if triton is not None:
             for start in range(lo, hi, TILE):
                 kpos = start + t
                 live_k = kpos < hi
-                blk = tl.load(tables_ptr + seq.to(tl.int64) * s_tb + kpos // BS, mask=live_k, other=0)
-                off = blk.to(tl.int64) * s_kblk + (kpos % BS) * s_ktok + kvh * s_kh
+                off = kv_offsets(tables_ptr + seq.to(tl.int64) * s_tb, kpos, live_k, BS, s_kblk, s_ktok, kvh * s_kh)
                 k = tl.load(k_ptr + off[:, None] + d[None, :], mask=live_k[:, None], other=0.0)
                 s = tl.dot(q, tl.trans(k), input_precision=PRECISION)  # (BLOCK_Q, TILE) fp32
                 s = tl.where((kpos[None, :] <= qpos[:, None]) & live_k[None, :], s, float("-inf"))

@@ -36,6 +36,8 @@ import torch
 try:
     import triton
     import triton.language as tl
+
+    from serve.engine.paged_attention import kv_offsets
 except ImportError:  # CPU-only installs
     triton = None
 
@@ -216,8 +218,7 @@ if triton is not None:
         for start in range(0, n_old, TILE):
             pos = start + t
             live = pos < n_old
-            blk = tl.load(tables_ptr + b * s_tb + pos // BS, mask=live, other=0)
-            off = blk.to(tl.int64) * s_kblk + (pos % BS) * s_ktok + kvh * s_kh
+            off = kv_offsets(tables_ptr + b * s_tb, pos, live, BS, s_kblk, s_ktok, kvh * s_kh)
             k = tl.load(k_ptr + off[:, None] + d[None, :], mask=live[:, None], other=0.0).to(tl.float32)
             s = tl.sum(q[:, None, :] * k[None, :, :], axis=2)  # (R_PAD, TILE)
             s = tl.where(live[None, :], s, float("-inf"))
