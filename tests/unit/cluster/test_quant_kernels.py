@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch import nn
 
-from cluster import kernels, quant
+from cluster import kernels, quant, quant_kernels
 
 ROOT = Path(__file__).resolve().parents[3]
 
@@ -124,7 +124,7 @@ def test_selection_measures_the_retort_kernel(scheme: str, name: str) -> None:
 
 def test_disabled_extension_falls_back(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("RETORT_DISABLE_EXT", "1")
-    monkeypatch.setattr(quant, "_MEASURED", {})
+    monkeypatch.setattr(quant_kernels, "_MEASURED", {})  # selection lives there
     assert kernels.int4_ops() is None and "RETORT_DISABLE_EXT" in kernels.unavailable_reason()
     lin = nn.Linear(128, 40, bias=False)
     for scheme in ("int4", "w4a8"):
