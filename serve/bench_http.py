@@ -1,6 +1,6 @@
 """Serve HTTP overhead over a direct engine call, for a short completion.
 
-    python -m serve.bench_http [--requests 300] [--max-tokens 1] [--preset tiny]
+    python -m serve.bench_http [--requests 300] [--max-tokens 1] [--preset tiny] [--ingress proxy,haproxy]
 
 The same checkpoint (a random ``--preset`` model with a small trained tokenizer, published to a
 temporary registry), prompt and ``max_tokens`` are measured on this machine, one request at a time:
@@ -14,10 +14,14 @@ temporary registry), prompt and ``max_tokens`` are measured on this machine, one
   ``split`` = proxy -> ingress replica -> model-server replica (DeploymentHandle);
   ``collocated`` = proxy -> model-server replica serving HTTP itself.
 
+``--ingress proxy,haproxy`` (default ``proxy``) starts one Ray head (``ray start``, as
+``retort up`` does) per ingress and measures all of them in the same run: ``proxy`` = Serve's proxy
+actor -> replica; ``haproxy`` = Ray 2.60's HAProxy ingress (``retort up serve.ingress=haproxy``):
+HAProxy -> the replica's own HTTP server (direct ingress), no actor call, no body fetch.
 The proxy's hop is the cluster's setting: ``--proxy-grpc`` (default, what ``retort up`` sets)
-starts this benchmark's Ray with ``RAY_SERVE_PROXY_USE_GRPC=1``, ``--no-proxy-grpc`` without it
+starts the proxy head with ``RAY_SERVE_PROXY_USE_GRPC=1``, ``--no-proxy-grpc`` without it
 (compare the two in separate runs). ``--replica-env KEY=VALUE`` (repeatable) measures every path a
-second time in the same run, behind the same proxy, with Serve env vars on all its replicas
+second time in the same run, behind the same ingress, with Serve env vars on all its replicas
 (runtime_env), e.g. ``RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD=0``; each variant has its own floor.
 
 The HTTP paths are measured in interleaved rounds so that load from other processes on a shared
@@ -26,10 +30,13 @@ machine falls on all of them alike; the load average is printed. Overhead = HTTP
 
 import argparse
 import os
+import shutil
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from cluster.ray_head import INGRESSES
 
 PROMPT = "def add(a, b):\n    return a + b\n"
 CORPUS = ("The quick brown fox jumps over the lazy dog. def add(a, b): return a + b\n"
@@ -125,46 +132,83 @@ def bench_http(paths: dict[str, tuple[str, str, dict | None]], n: int) -> dict[s
 
 
 def measure_http_overhead(n: int = 300, preset: str = "tiny", max_tokens: int = 1, prefix_caching: bool = False,
-                          proxy_grpc: bool = True, variants: dict[str, dict[str, str]] | None = None) -> dict[str, Any]:
+                          proxy_grpc: bool = True, variants: dict[str, dict[str, str]] | None = None,
+                          ingresses: tuple[str, ...] = ("proxy",)) -> dict[str, Any]:
     """Latencies (seconds) of one completion: direct engine call vs HTTP through Serve, both
-    topologies, for each variant (name -> env vars of its replicas; default: ``app``, none), all
-    behind the same proxy."""
-    import ray
+    topologies, for each ingress (one Ray head each) and each variant (name -> env vars of its
+    replicas; default: ``app``, none). Paths are keyed ``[<ingress> <variant>] <path>``."""
     import torch
-    from ray import serve
 
     from cluster.config.serve import ServeConfig
-    from cluster.net import free_port
-    from serve.app import build_app
 
     load_before = os.getloadavg()
+    variants = variants if variants is not None else {"app": {}}
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         model_dir = publish_random(root, preset)
-        port = free_port()
         cfg = ServeConfig.model_validate({
-            "http": {"port": port}, "model": {"ref": "bench@production"},
+            "model": {"ref": "bench@production"},
             "engine": {"num_blocks": 256, "max_num_seqs": 8, "max_num_batched_tokens": 256, "dtype": "float32",
                        "device": "cpu", "enable_prefix_caching": prefix_caching},
             "registry": {"root": str(root / "registry"), "cache_dir": str(root / "cache")},
             "replica": {"num_cpus": 0.5, "torch_threads": 1}})
         torch.set_num_threads(1)  # same as the replicas
         direct = bench_direct(model_dir, cfg.engine, n, max_tokens)
-        # The proxy (and every Ray process) inherits this process's environment at ray.init.
-        saved = os.environ.get(PROXY_GRPC_ENV)
-        os.environ[PROXY_GRPC_ENV] = "1" if proxy_grpc else "0"
-        try:
-            ray.init(num_cpus=6, object_store_memory=256 * 1024**2, include_dashboard=False, log_to_driver=False)
-        finally:
-            if saved is None:
-                os.environ.pop(PROXY_GRPC_ENV)
-            else:
-                os.environ[PROXY_GRPC_ENV] = saved
-        variants = variants if variants is not None else {"app": {}}
+        heads: list[Any] = []
         paths: dict[str, tuple[str, str, dict | None]] = {}
         try:
+            for ingress in ingresses:
+                heads.append(_start_head(ingress, proxy_grpc))
+                paths.update(_deploy(heads[-1], cfg, variants, max_tokens))
+            http = bench_http(paths, n)
+        finally:
+            from cluster.ray_head import stop_head
+
+            for head in heads:  # its processes (HAProxy, replicas) only; Serve needs no graceful end here
+                stop_head(head)
+                shutil.rmtree(head.temp_dir, ignore_errors=True)
+    return {"n": n, "preset": preset, "max_tokens": max_tokens, "load": (load_before, os.getloadavg()),
+            "cores": os.cpu_count(), "proxy_grpc": proxy_grpc, "variants": variants, "ingresses": list(ingresses),
+            "direct": direct, **http}
+
+
+def _start_head(ingress: str, proxy_grpc: bool) -> Any:
+    """A Ray head for ``ingress`` on free ports, as ``retort up`` starts one (``cluster.ray_head``)."""
+    from cluster.ray_head import free_ray_ports, start_head
+
+    temp_dir = Path(tempfile.mkdtemp(prefix="rtb-", dir="/tmp"))  # short: Ray's and HAProxy's socket paths
+    saved = os.environ.get(PROXY_GRPC_ENV)
+    os.environ[PROXY_GRPC_ENV] = "1" if proxy_grpc else "0"  # start_head passes it on to the proxy
+    try:
+        return start_head(temp_dir, temp_dir / "auth_token", free_ray_ports(), num_cpus=6,
+                          object_store_memory=256 * 1024**2, log=temp_dir / "ray-start.log", ingress=ingress)
+    except BaseException:
+        shutil.rmtree(temp_dir, ignore_errors=True)
+        raise
+    finally:
+        if saved is None:
+            os.environ.pop(PROXY_GRPC_ENV)
+        else:
+            os.environ[PROXY_GRPC_ENV] = saved
+
+
+def _deploy(head: Any, cfg: Any, variants: dict[str, dict[str, str]],
+            max_tokens: int) -> dict[str, tuple[str, str, dict | None]]:
+    """Serve on ``head`` with the constant app and both topologies of ours for every variant; their paths."""
+    import ray
+    from ray import serve
+
+    from cluster.net import free_port
+    from cluster.ray_head import client_env
+    from serve.app import build_app
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    paths: dict[str, tuple[str, str, dict | None]] = {}
+    with client_env(head.env()):
+        ray.init(address=head.gcs_address, log_to_driver=False)
+        try:
             serve.start(http_options={"host": "127.0.0.1", "port": port})
-            url = f"http://127.0.0.1:{port}"
             for variant, env in variants.items():
                 slug = variant.replace(" ", "-")
                 base = {"const": f"{url}/{slug}-const"}
@@ -175,13 +219,10 @@ def measure_http_overhead(n: int = 300, preset: str = "tiny", max_tokens: int = 
                     app = build_app({"serve_config": app_cfg.model_dump(mode="json")})
                     serve.run(_with_env(app, env), name=name, route_prefix=f"/{name}")
                     base[topo] = f"{url}/{name}"
-                paths.update(_paths(base, max_tokens, variant))
-            http = bench_http(paths, n)
+                paths.update(_paths(base, max_tokens, f"{head.ingress} {variant}"))
         finally:
-            serve.shutdown()
-            ray.shutdown()
-    return {"n": n, "preset": preset, "max_tokens": max_tokens, "load": (load_before, os.getloadavg()),
-            "cores": os.cpu_count(), "proxy_grpc": proxy_grpc, "variants": variants, "direct": direct, **http}
+            ray.shutdown()  # disconnect only: the apps keep serving until stop_head
+    return paths
 
 
 def _constant_app(env: dict[str, str]) -> Any:
@@ -233,30 +274,33 @@ def format_table(r: dict[str, Any]) -> str:
     (b1, b5, b15), (a1, a5, a15) = r["load"]
     envs = "; ".join(f"[{name}] replicas: " + (" ".join(f"{k}={v}" for k, v in env.items()) or "none")
                      for name, env in r["variants"].items())
+    hops = {"proxy": f"proxy actor -> replica over {'gRPC' if r['proxy_grpc'] else 'Ray actor calls'} "
+                     f"({PROXY_GRPC_ENV}={int(r['proxy_grpc'])})",
+            "haproxy": "HAProxy -> the replica's own HTTP server (RAY_SERVE_ENABLE_HA_PROXY=1, direct ingress)"}
     lines = [f"{r['max_tokens']}-token completion, {r['preset']} model, {r['n']} sequential requests per path "
              f"({ROUNDS} interleaved rounds)",
              f"load average before {b1:.2f} {b5:.2f} {b15:.2f}, after {a1:.2f} {a5:.2f} {a15:.2f} ({r['cores']} cores)",
-             f"proxy -> replica: {'gRPC' if r['proxy_grpc'] else 'Ray actor calls'} ({PROXY_GRPC_ENV}="
-             f"{int(r['proxy_grpc'])}); {envs}", "",
-             f"{'path':<55}{'p50 ms':>9}{'p99 ms':>9}{'p50 x direct':>14}{'p50 - direct':>14}{'p50 - floor':>13}",
-             "-" * 114,
-             f"{'direct engine call (in-process)':<55}{d50 * ms:>9.2f}{d99 * ms:>9.2f}{'1.0x':>14}{'-':>14}{'-':>13}"]
-    for variant in r["variants"]:
-        tag = f"[{variant}] "
-        floors = {"GET": _pct(r[tag + FLOOR_GET], 0.5), "POST": _pct(r[tag + FLOOR_POST], 0.5)}
-        for name, xs in r.items():
-            if not isinstance(xs, list) or not name.startswith(tag):
-                continue
-            p50, p99 = _pct(xs, 0.5), _pct(xs, 0.99)
-            engine = name.endswith(("completions", "completions stream"))
-            floor = floors["POST" if engine or name.endswith(FLOOR_POST) else "GET"]
-            extra = (f"{p50 / d50:>13.1f}x{(p50 - d50) * ms:>14.2f}{(p50 - d50 - floor) * ms:>13.2f}" if engine else
-                     f"{'':>14}{'':>14}{(p50 - floor) * ms:>13.2f}")
-            lines.append(f"{name:<55}{p50 * ms:>9.2f}{p99 * ms:>9.2f}{extra}")
-    lines += ["-" * 114,
+             *(f"[{ingress} ...]: {hops[ingress]}" for ingress in r["ingresses"]), envs, "",
+             f"{'path':<58}{'p50 ms':>9}{'p99 ms':>9}{'p50 x direct':>14}{'p50 - direct':>14}{'p50 - floor':>13}",
+             "-" * 117,
+             f"{'direct engine call (in-process)':<58}{d50 * ms:>9.2f}{d99 * ms:>9.2f}{'1.0x':>14}{'-':>14}{'-':>13}"]
+    for ingress in r["ingresses"]:
+        for variant in r["variants"]:
+            tag = f"[{ingress} {variant}] "
+            floors = {"GET": _pct(r[tag + FLOOR_GET], 0.5), "POST": _pct(r[tag + FLOOR_POST], 0.5)}
+            for name, xs in r.items():
+                if not isinstance(xs, list) or not name.startswith(tag):
+                    continue
+                p50, p99 = _pct(xs, 0.5), _pct(xs, 0.99)
+                engine = name.endswith(("completions", "completions stream"))
+                floor = floors["POST" if engine or name.endswith(FLOOR_POST) else "GET"]
+                extra = (f"{p50 / d50:>13.1f}x{(p50 - d50) * ms:>14.2f}{(p50 - d50 - floor) * ms:>13.2f}" if engine
+                         else f"{'':>14}{'':>14}{(p50 - floor) * ms:>13.2f}")
+                lines.append(f"{name:<58}{p50 * ms:>9.2f}{p99 * ms:>9.2f}{extra}")
+    lines += ["-" * 117,
               "p50 - direct: the HTTP overhead over a direct engine call (goal <= 5 ms). p50 - floor: what is left",
-              "after Serve's own proxy -> replica floor of the same variant (the constant deployment, GET or POST",
-              "alike), i.e. what the app adds on top of Serve (for completions: on top of floor + direct engine time)."]
+              "after Serve's own ingress -> replica floor of the same ingress and variant (the constant deployment,",
+              "GET or POST alike), i.e. what the app adds on top of Serve (for completions: on top of floor + direct)."]
     return "\n".join(lines)
 
 
@@ -269,9 +313,15 @@ def main(argv: list[str] | None = None) -> int:
                    help=f"proxy -> replica over gRPC ({PROXY_GRPC_ENV}=1, as `retort up` sets) or Ray actor calls")
     p.add_argument("--replica-env", action="append", default=[], metavar="KEY=VALUE",
                    help="also measure every path with this env var on all replicas (repeatable), same run")
+    p.add_argument("--ingress", default="proxy", metavar="LIST",
+                   help=f"comma-separated, one Ray head each, measured in the same run: {', '.join(INGRESSES)}")
     args = p.parse_args(argv)
     if args.requests < 1 or args.max_tokens < 1:
         p.error("--requests and --max-tokens must be >= 1")
+    ingresses = tuple(dict.fromkeys(x.strip() for x in args.ingress.split(",")))
+    unknown = [x for x in ingresses if x not in INGRESSES]
+    if unknown:
+        p.error(f"--ingress takes {', '.join(INGRESSES)} (comma-separated), got {unknown[0]!r}")
     bad = [kv for kv in args.replica_env if "=" not in kv or not kv.split("=", 1)[0]]
     if bad:
         p.error(f"--replica-env takes KEY=VALUE, got {bad[0]!r}")
@@ -279,7 +329,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.replica_env:
         variants["replica env"] = dict(kv.split("=", 1) for kv in args.replica_env)
     print(format_table(measure_http_overhead(args.requests, args.preset, args.max_tokens,
-                                             proxy_grpc=args.proxy_grpc, variants=variants)))
+                                             proxy_grpc=args.proxy_grpc, variants=variants, ingresses=ingresses)))
     return 0
 
 
