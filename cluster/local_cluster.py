@@ -307,6 +307,7 @@ def _start(cfg: ClusterConfig, log) -> dict:
             sdir / "logs" / "ray-start.log",
             dashboard_host=cfg.ray.dashboard_host,
             timeout_s=cfg.ray.startup_timeout_s,
+            ingress=cfg.serve.ingress,
         )
         state["ray"] = head.to_dict()
         state["env"] = head.env()

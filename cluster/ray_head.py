@@ -30,6 +30,7 @@ from cluster.procs import MARKER_ENV, stop_scope
 
 SD_FILE = "prom_metrics_service_discovery.json"
 INGRESSES = ("proxy", "haproxy")  # how Serve's HTTP reaches the replicas: Serve's proxy actor, or HAProxy
+INGRESS_ENV = "RETORT_SERVE_INGRESS"  # start_head's default ingress when the caller names none
 
 
 def ray_bin() -> str:
@@ -167,6 +168,11 @@ def haproxy_env(temp_dir: Path) -> dict[str, str]:
     from cluster.net import free_port_range, free_ports
 
     d = temp_dir / "h"
+    longest = len(f"{d}/{'0' * 56}/metrics.sock")
+    if longest > 97:
+        raise RetortError(
+            f"Ray temp dir {temp_dir} is too long for HAProxy's socket paths ({longest} > 97 bytes)"
+        )
     stats, metrics, fallback = free_ports(3)
     lo, hi = free_port_range(64)
     return {
@@ -194,14 +200,16 @@ def start_head(
     dashboard_host: str = "127.0.0.1",
     timeout_s: float = 120.0,
     attempts: int = 2,
-    ingress: str = "proxy",
+    ingress: str | None = None,
 ) -> RayHead:
     """``ray start --head`` on ``ports`` with ``temp_dir`` as Ray's root; returns once the dashboard answers.
 
     Ray gives its raylet a fixed 30 s to register with the GCS; on an overloaded machine that can
     fail ("timed out during startup"), so that one failure is retried (``attempts``). ``ingress``:
-    ``proxy`` (Serve's proxy actor) or ``haproxy`` (``haproxy_env``), for every Serve app of the head.
+    ``proxy`` (Serve's proxy actor) or ``haproxy`` (``haproxy_env``), for every Serve app of the head;
+    None: ``$RETORT_SERVE_INGRESS``, else ``proxy`` (so a test run can put its heads on HAProxy).
     """
+    ingress = ingress or os.environ.get(INGRESS_ENV) or "proxy"
     if ingress not in INGRESSES:
         raise RetortError(f"unknown Serve ingress {ingress!r}; choose one of {', '.join(INGRESSES)}")
     temp_dir.mkdir(parents=True, exist_ok=True)

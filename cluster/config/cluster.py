@@ -122,6 +122,11 @@ class ServeHTTPDefaults(StrictModel):
 
     http_host: str = Field("127.0.0.1", description="Serve HTTP proxy address.")
     http_port: Port = _port(8000, "Serve HTTP proxy port")
+    ingress: Literal["proxy", "haproxy"] = Field(
+        "proxy",
+        description="What answers Serve's HTTP port: Serve's proxy actor, or Ray 2.60's HAProxy ingress "
+        "(HAProxy -> the replicas' own HTTP servers; `python -m serve.bench_http --ingress proxy,haproxy`).",
+    )
 
 
 class ClusterConfig(StrictModel):
