@@ -162,8 +162,15 @@ def haproxy_env(temp_dir: Path) -> dict[str, str]:
     its own (direct ingress): a request goes client -> HAProxy -> replica, with no actor call and no
     body fetch back from a proxy. Ray's defaults would collide between heads on one machine (files
     under /tmp/haproxy-serve, the stats port 8404, the metrics port 9101, the fallback proxy's 8500,
-    replica ports 30000-31000 that may fall in another head's worker range), so each is our own here.
-    HAProxy caps unix socket paths at 97 bytes and Serve adds a 56-character node id, hence ``h``.
+    replica ports 30000-31000 that may fall in another head's worker range), so each is our own here
+    (a freed replica port stays out of the pool for 150 s, hence 256 of them). HAProxy caps unix
+    socket paths at 97 bytes and Serve adds a 56-character node id, hence ``h``.
+
+    A stopping ingress replica stays reachable for RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S
+    (Ray's default 30 s: time for load balancers on other nodes to drop it) before it refuses new
+    connections, which HAProxy retries elsewhere. Our HAProxy runs beside the controller and reloads
+    within ~0.1 s of a change, so 2 s suffice; 30 s made every rollout, downscale and
+    ``serve.shutdown()`` (whose wait gives up after 30 s, leaving a dying controller) slower.
     """
     from cluster.net import free_port_range, free_ports
 
@@ -174,7 +181,7 @@ def haproxy_env(temp_dir: Path) -> dict[str, str]:
             f"Ray temp dir {temp_dir} is too long for HAProxy's socket paths ({longest} > 97 bytes)"
         )
     stats, metrics, fallback = free_ports(3)
-    lo, hi = free_port_range(64)
+    lo, hi = free_port_range(256)
     return {
         "RAY_SERVE_ENABLE_HA_PROXY": "1",
         "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": str(d / "haproxy.cfg"),
@@ -187,6 +194,7 @@ def haproxy_env(temp_dir: Path) -> dict[str, str]:
         "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT": str(fallback),
         "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(lo),
         "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(hi),
+        "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "2",
     }
 
 
