@@ -104,27 +104,6 @@ def test_multi_step_graph_bursts_match_reference(variant, monkeypatch):
     assert max(seen) == 8 and seen.count(1) < len(seen)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("H,Hkv,D,BS", [(12, 12, 64, 16), (8, 2, 32, 16), (4, 1, 64, 8)])
-def test_paged_decode_kernel_matches_gather_sdpa(dtype, H, Hkv, D, BS):
-    from serve.engine.cuda_graphs import additive_mask
-    from serve.engine.fused_model import decode_attention
-    from serve.engine.paged_attention import paged_decode_attention
-
-    g = torch.Generator(device="cuda").manual_seed(H * D)
-    B, NB, nb = 7, 300, 40
-    q = torch.randn(B, H + Hkv, D, device="cuda", dtype=dtype, generator=g)[:, :H]  # a strided view, as in the engine
-    kc = torch.randn(NB + 1, BS, Hkv, D, device="cuda", dtype=dtype, generator=g)
-    vc = torch.randn(NB + 1, BS, Hkv, D, device="cuda", dtype=dtype, generator=g)
-    tables = torch.stack([torch.randperm(NB, device="cuda", generator=g)[:nb] for _ in range(B)])
-    ctx = torch.tensor([[c] * 3 for c in (1, BS, BS + 1, 63, 64, 65, nb * BS)], device="cuda")[:, 1]  # strided, as in the graphs
-    mask = additive_mask(torch.arange(nb * BS, device="cuda")[None] < ctx[:, None], dtype)
-    want = decode_attention(q.float(), kc.float(), vc.float(), tables, mask.float(), H // Hkv)
-    got = paged_decode_attention(q, kc, vc, tables, ctx).float()
-    tol = 1e-4 if dtype == torch.float32 else 2e-2
-    torch.testing.assert_close(got, want, rtol=tol, atol=tol)
-
-
 @pytest.mark.parametrize("block_q,splits", [(16, 1), (64, 1), (16, 8), (64, 3)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("H,Hkv,D,BS", [(12, 12, 64, 16), (8, 2, 32, 16), (4, 1, 64, 8)])

@@ -1,6 +1,12 @@
 """Host-side pieces of the Triton paged attention (pure Python: run everywhere)."""
 
-from serve.engine.paged_attention import query_blocks, varlen_block_q, varlen_scratch_rows, varlen_splits
+from serve.engine.paged_attention import (
+    decode_splits,
+    query_blocks,
+    varlen_block_q,
+    varlen_scratch_rows,
+    varlen_splits,
+)
 from serve.engine.piecewise_graphs import token_buckets
 
 
@@ -27,3 +33,9 @@ def test_block_and_split_sizes_and_the_scratch_they_need():
     t, seqs = 128, 64
     spans = [(i, 1, 0) for i in range(seqs - 1)] + [(seqs - 1, t - seqs + 1, 0)]
     assert len(query_blocks(spans, varlen_block_q(t))) <= -(-t // varlen_block_q(t)) + seqs
+
+
+def test_decode_splits_fill_the_gpu_then_stop():
+    # (sequence, head) programs of a 12-head model at batch 1, 8, 16, 64 on 132 SMs: >= 528 programs
+    assert [decode_splits(12 * b) for b in (1, 8, 16, 64)] == [8, 8, 4, 1]
+    assert decode_splits(8, sms=8) == 4 and decode_splits(32, sms=8) == 1 and decode_splits(200) == 4

@@ -193,7 +193,12 @@ def test_decode_attention_takes_2d_cos_sin_and_an_out_buffer(device):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("H,Hkv", [(4, 4), (4, 2), (4, 1)])
 @pytest.mark.parametrize("B", [1, 3])
-def test_layer_matches_make_decode_layer(device, dtype, H, Hkv, B):
+@pytest.mark.parametrize("impl", ["triton", "paged"])
+def test_layer_matches_make_decode_layer(device, dtype, H, Hkv, B, impl):
+    """The fused Triton block, and the engine's own paged block (RoPE + KV write and attention as
+    Triton kernels between torch parts), against the gather + SDPA block."""
+    if impl == "paged" and device == "cpu" and dtype == torch.bfloat16:
+        pytest.skip("the interpreter truncates fp32 -> bf16 (the GPU rounds to nearest): RoPE'd q/k differ by an ulp")
     D, BS, ff = 16, 16, 96
     d = H * D
     ctx_lens = [33, 1, 16][:B]
@@ -211,7 +216,9 @@ def test_layer_matches_make_decode_layer(device, dtype, H, Hkv, B):
     kc_ref, vc_ref = kc.clone(), vc.clone()
     want = make_decode_layer(H, Hkv, D, EPS, compile=False, paged=False)(
         x, cos, sin, w, kc_ref, vc_ref, slots, tables, mask, ctx)
-    got = td.make_triton_decode_layer(H, Hkv, D, EPS)(x, cos, sin, w, kc, vc, slots, tables, mask, ctx)
+    layer = td.make_triton_decode_layer(H, Hkv, D, EPS) if impl == "triton" else \
+        make_decode_layer(H, Hkv, D, EPS, compile=False, paged=True)
+    got = layer(x, cos, sin, w, kc, vc, slots, tables, mask, ctx)
     assert torch.equal(x, x0)  # the input is not written
     if dtype == torch.float32:
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)  # three GEMMs and a softmax deep
