@@ -6,8 +6,9 @@
 
 Prints (markdown): output tok/s at each concurrency, TTFT and TPOT p50/p99, and the ratio of our
 throughput to HF's default-cache and static-cache ``generate``; TTFT with a 1k-token shared
-prefix cached vs not; the time per output token at batch 1 and, on CUDA, one decode step's GPU time. Random weights (speed does not depend on
-them). Every number in a ratio is measured in the same run. "CPU ms/token" is this process's CPU
+prefix cached vs not; the time per output token at batch 1 and, on CUDA, one decode step's GPU time;
+the throughput the workload's matmuls alone allow (on a CPU a ceiling for any engine, which bounds
+the ratio to HF: its matmuls are the same) and, on CUDA, the HBM roofline of a decode step. Random weights (speed does not depend on them). Every number in a ratio is measured in the same run. "CPU ms/token" is this process's CPU
 time per output token: on a shared, oversubscribed CPU it is the steadier comparison.
 """
 
@@ -216,6 +217,73 @@ def bench_hf(hf, work: Work, conc: int, static: bool, device: torch.device) -> R
 
 
 # -- report -------------------------------------------------------------------------------------
+def matmul_ceiling_tok_s(model: Transformer, conc: int, prompt_len: int, out_len: int, device: torch.device,
+                         dtype: torch.dtype, reps: int = 5) -> float:
+    """Output tok/s of one wave of ``conc`` requests (``prompt_len -> out_len``) if only its matmuls
+    cost time: the prefill's ``conc × prompt_len`` rows through each layer's four projections (q/k/v
+    and gate/up fused, as the engine runs them), ``conc`` rows through the LM head, then
+    ``out_len - 1`` decode steps of ``conc`` rows through all of them — no attention, norms,
+    sampling or host work (on CUDA, replayed as one CUDA graph). Where the matmuls are compute- or
+    bandwidth-bound (a CPU) this bounds any engine at this dtype, HF's ``generate`` included: their
+    matmuls are the same; on a GPU, where a small step is latency-bound, it bounds engines that run
+    one kernel per matmul."""
+    weights = []
+    for block in model.model.layers:
+        a, m = block.self_attn, block.mlp
+        weights += [torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]), a.o_proj.weight,
+                    torch.cat([m.gate_proj.weight, m.up_proj.weight]), m.down_proj.weight]
+    weights = [w.detach().to(device, dtype).contiguous() for w in weights]
+    head = model.lm_head.weight.detach().to(device, dtype)
+
+    def run(rows: int) -> float:
+        xs = {w.shape[1]: torch.randn(rows, w.shape[1], device=device, dtype=dtype) for w in weights}
+        x_head = torch.randn(conc, head.shape[1], device=device, dtype=dtype)
+
+        def matmuls() -> None:
+            for w in weights:
+                torch.nn.functional.linear(xs[w.shape[1]], w)
+            torch.nn.functional.linear(x_head, head)
+
+        times = []
+        with torch.inference_mode():
+            call = matmuls
+            if device.type == "cuda":  # one graph: the GPU's time, not Python's launches
+                matmuls()
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    matmuls()
+                call = graph.replay
+            for _ in range(reps + 1):
+                _sync(device)
+                t = time.perf_counter()
+                call()
+                _sync(device)
+                times.append(time.perf_counter() - t)
+        return statistics.median(times[1:])
+
+    return conc * out_len / (run(conc * prompt_len) + (out_len - 1) * run(conc))
+
+
+def hbm_roofline_tok_s(model: Transformer, conc: int, ctx: int, device: torch.device, dtype: torch.dtype) -> float:
+    """Decode tok/s of ``conc`` sequences at context ``ctx`` if every step only read, at this GPU's
+    measured copy bandwidth, the bytes it must: every weight but the embedding table, and each
+    sequence's K/V. No engine can pass it (prefill, compute and launches only add to it)."""
+    cfg = model.cfg
+    weight_bytes = (model.num_params() - model.model.embed_tokens.weight.numel()) * torch.finfo(dtype).bits // 8
+    kv_bytes = conc * ctx * 2 * cfg.n_layers * cfg.n_kv_heads * cfg.dim_head * torch.finfo(dtype).bits // 8
+    src = torch.empty(1 << 28, dtype=torch.uint8, device=device)  # 256 MiB, well past L2
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    _sync(device)
+    t = time.perf_counter()
+    for _ in range(10):
+        dst.copy_(src)
+    _sync(device)
+    bandwidth = 2 * 10 * src.numel() / (time.perf_counter() - t)  # bytes read + written per second
+    del src, dst
+    return conc * bandwidth / (weight_bytes + kv_bytes)
+
+
 def table(rows: list[Row]) -> str:
     base = {(r.system, r.concurrency): r.tok_s for r in rows}
     cpu = {(r.system, r.concurrency): r.cpu_ms_per_token for r in rows}
@@ -252,6 +320,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--scheduler-steps", type=int, default=None,
                     help="engine num_scheduler_steps (CUDA multi-step greedy decode); default: the config's")
     ap.add_argument("--no-hf", action="store_true", help="skip the transformers baselines")
+    ap.add_argument("--no-ceiling", action="store_true", help="skip the matmuls-alone ceiling rows")
     ap.add_argument("--quick", action="store_true", help="fewer/shorter runs (CPU)")
     ap.add_argument("--threads", type=int, default=None,
                     help="torch intra-op threads (1 is steadier on a shared, oversubscribed CPU)")
@@ -321,8 +390,23 @@ def main(argv: list[str] | None = None) -> int:
             print(f"| one decode step's GPU time, batch {b}, context {args.prompt_len + out_len // 2} (µs, CUDA-graph "
                   f"replay) | {us:,.0f} | | | |")
     print(f"| TTFT, {args.prefix_len}-token prefix: miss vs hit (ms) | miss {miss:.1f} / hit {hit:.1f} | | | {miss / hit:.1f}× lower on hit |")
+    ceilings = {}
+    if not args.no_ceiling:
+        for c in concs:
+            ceilings[c] = matmul_ceiling_tok_s(model, c, args.prompt_len, out_len, device, dtype)
+            d = next((r.tok_s for r in rows if r.system == "HF default cache" and r.concurrency == c), float("nan"))
+            s = next((r.tok_s for r in rows if r.system == "HF static cache" and r.concurrency == c), float("nan"))
+            print(f"| matmuls alone, c={c}: output tok/s (4 a layer + LM head, one call each) | {ceilings[c]:,.0f} "
+                  f"| {d:,.0f} | {s:,.0f} | ceiling / HF default = {ceilings[c] / d:.2f}, / HF static = {ceilings[c] / s:.2f} |")
+            if device.type == "cuda":
+                roof = hbm_roofline_tok_s(model, c, args.prompt_len + out_len // 2, device, dtype)
+                ceilings[f"hbm_{c}"] = roof
+                print(f"| HBM roofline, c={c}: decode tok/s at context {args.prompt_len + out_len // 2} (weights + KV read "
+                      f"once a step at copy bandwidth) | {roof:,.0f} | {d:,.0f} | {s:,.0f} | roofline / HF default = "
+                      f"{roof / d:.2f}, / HF static = {roof / s:.2f} |")
     if args.json:
-        res = dict(args=vars(args), rows=[asdict(r) for r in rows], decode_step_us=dec_us, decode_step_cpu_us=dec_cpu_us, graph_replay_us=graph_us, prefix_miss_ms=miss, prefix_hit_ms=hit)
+        res = dict(args=vars(args), rows=[asdict(r) for r in rows], decode_step_us=dec_us, decode_step_cpu_us=dec_cpu_us, graph_replay_us=graph_us, prefix_miss_ms=miss, prefix_hit_ms=hit,
+                   matmul_ceiling_tok_s=ceilings)
         with open(args.json, "w") as f:
             json.dump(res, f, indent=1)
     tmp.cleanup()
