@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
+import os
 import random
 
+import pytest
 import torch
 
 from cluster.config.model import preset
 from cluster.model import Transformer
+
+# Triton kernel tests run on CUDA (marked gpu), or on CPU under Triton's interpreter (TRITON_INTERPRET=1)
+TRITON_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+TRITON_DEVICES = [
+    pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available() or TRITON_INTERPRETED,
+                                                                    reason="needs CUDA")]),
+    pytest.param("cpu", marks=pytest.mark.skipif(not TRITON_INTERPRETED, reason="CPU runs need TRITON_INTERPRET=1")),
+]
 
 # larger init than training's 0.02 so that greedy choices are not near-ties (robust parity checks)
 TINY = dict(init_std=0.15, max_seq_len=256)

@@ -7,23 +7,18 @@ without Triton the module is skipped.
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
 pytest.importorskip("triton")
 
+from engine_helpers import TRITON_DEVICES  # noqa: E402
+
 from serve.engine.cuda_graphs import additive_mask  # noqa: E402
 from serve.engine.fused_model import decode_attention  # noqa: E402
 from serve.engine.paged_attention import paged_decode_attention  # noqa: E402
 
-INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
-DEVICES = [
-    pytest.param("cuda", marks=[pytest.mark.gpu,
-                                pytest.mark.skipif(not torch.cuda.is_available() or INTERPRETED, reason="needs CUDA")]),
-    pytest.param("cpu", marks=pytest.mark.skipif(not INTERPRETED, reason="CPU runs need TRITON_INTERPRET=1")),
-]
+DEVICES = TRITON_DEVICES
 
 
 @pytest.mark.parametrize("device", DEVICES)

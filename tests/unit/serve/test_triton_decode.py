@@ -7,25 +7,20 @@ without Triton the module is skipped. Shapes are tiny: the interpreter runs ever
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 import torch.nn.functional as F
 
 pytest.importorskip("triton")
 
+from engine_helpers import TRITON_DEVICES, TRITON_INTERPRETED  # noqa: E402
+
 from cluster.model import rope_cos_sin  # noqa: E402
 from serve.engine import triton_decode as td  # noqa: E402
 from serve.engine.cuda_graphs import additive_mask  # noqa: E402
 from serve.engine.fused_model import decode_attention, make_decode_layer, rms_norm, rope  # noqa: E402
 
-INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
-DEVICES = [
-    pytest.param("cuda", marks=[pytest.mark.gpu,
-                                pytest.mark.skipif(not torch.cuda.is_available() or INTERPRETED, reason="needs CUDA")]),
-    pytest.param("cpu", marks=pytest.mark.skipif(not INTERPRETED, reason="CPU runs need TRITON_INTERPRET=1")),
-]
+DEVICES = TRITON_DEVICES
 DTYPES = [torch.float32, torch.bfloat16]
 EPS = 1e-5
 
@@ -98,7 +93,7 @@ def test_swiglu_linear_residual_matches_torch(device, dtype, M):
     _assert_close(td.swiglu_linear_residual(gu, w, res), res + F.linear(F.silu(gate) * up, w))
 
 
-@pytest.mark.skipif(not INTERPRETED, reason="CPU under the interpreter: same reduction order as torch's CPU GEMM")
+@pytest.mark.skipif(not TRITON_INTERPRETED, reason="CPU under the interpreter: same reduction order as torch's CPU GEMM")
 def test_bf16_rounding_order_is_torchs_bit_for_bit():
     """Every intermediate rounds where torch eager rounds: on CPU (fp32 accumulation both sides, tiny K)
     the bf16 results are identical, not merely close."""
