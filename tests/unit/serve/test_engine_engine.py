@@ -298,3 +298,30 @@ def test_decode_rows_beside_a_fresh_batch():
     want = {"a": reference_greedy(ref, eng._seqs["a"].all_token_ids, 1)[0],
             "n0": reference_greedy(ref, later[0], 1)[0], "n1": reference_greedy(ref, later[1], 1)[0]}
     assert [int(t) for t in logits.argmax(-1)] == [want[s.request_id] for s in batch.seqs]
+
+
+def test_burst_acceptance_equals_the_per_token_finish_rule():
+    """``_accept`` (a whole multi-step burst at once) keeps exactly what appending token by token with
+    ``_finish_reason`` keeps, for stops, EOS (ignored or not), max_tokens and the context limit."""
+    import random
+
+    from serve.engine.request import Sequence
+
+    eng = LLMEngine(tiny_model(), EngineConfig(device="cpu", dtype="float32", num_blocks=16, max_model_len=40),
+                    eos_token_id=3)
+    rng = random.Random(5)
+    for trial in range(400):
+        params = SamplingParams(max_tokens=rng.randint(2, 12), stop_token_ids=rng.sample(range(8), rng.randint(0, 2)),
+                                ignore_eos=rng.random() < 0.3, temperature=0.0)
+        seq = Sequence(f"r{trial}", [9] * rng.randint(20, 30), params)
+        seq.output_token_ids = [9] * rng.randint(1, params.max_tokens - 1)
+        toks = [rng.randrange(12) for _ in range(rng.randint(1, 8))]
+        want, reason = [], None
+        ref = Sequence("ref", list(seq.prompt_token_ids), params, output_token_ids=list(seq.output_token_ids))
+        for t in toks:
+            want.append(t)
+            ref.output_token_ids.append(t)
+            reason = eng._finish_reason(ref, t)
+            if reason is not None:
+                break
+        assert eng._accept(seq, toks) == (want, reason), (params, seq.num_tokens, toks)
