@@ -164,9 +164,10 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
 
 def residual_add(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """``x + y`` (the same bits: a 16-bit add is an fp32 add rounded once), written so that Inductor
-    does not fold it into the matmul that made ``y`` as a cuBLAS ``addmm`` (beta = 1). On an H200 at
-    batch 1 that kernel and the copy of C before it took 6.5 µs against 4.2 for the plain matmul,
-    and the add itself fuses into the norm kernel that follows it."""
+    does not fold it into the matmul that made ``y`` as a cuBLAS ``addmm`` (beta = 1): on an H200
+    that GEMM was no faster than the plain one and each needed a copy of C first (24 × 0.9 µs a
+    step); unfolded, the add after o_proj fuses into the next norm kernel and the one after down_proj
+    is one 0.9 µs kernel (batch-1 decode step 491 → 478 µs)."""
     return (x.float() + y.float()).to(x.dtype)
 
 

@@ -3,10 +3,10 @@
 The portable path (``fused_model.decode_attention``) gathers every sequence's blocks into a padded
 ``(B, L, Hkv, D)`` copy and runs one masked SDPA: at batch 64 with 256-token contexts on the
 ``base`` model that copy is ~50 MB per layer. This kernel reads each sequence's blocks through its
-block table where they lie, ``TILE`` tokens at a time, with an online softmax (one program per
-sequence and query head; positions at or past the sequence's context length are masked in
-registers). It launches with a fixed grid and loops to each sequence's own length, so it is
-CUDA-graph safe. Triton is optional: without it (CPU builds) ``available()`` is False.
+block table where they lie, ``TILE`` tokens at a time, with an online softmax (one-warp programs per
+sequence, query head and key split — splits only while the batch alone leaves the GPU idle, combined
+by a second kernel; positions at or past the sequence's context length are masked in registers). It
+launches with a fixed grid and loops to each sequence's own length, so it is CUDA-graph safe. Triton is optional: without it (CPU builds) ``available()`` is False.
 
 ``paged_varlen_attention`` is the same for any step (prefill chunks after a cached prefix, fresh
 prompts, decode rows of a mixed batch): queries come in *query blocks* of up to ``BLOCK_Q``
