@@ -43,6 +43,13 @@ class EngineConfig(StrictModel):
         "keep, per bucket, whichever replays faster (adds ~30 s to a replica's start; env RETORT_ENGINE_COMPILE=0/1 "
         "overrides).",
     )
+    async_scheduling: bool | None = Field(
+        None,
+        description="Queue a multi-step burst before the previous one's tokens are read back and applied, so the "
+        "host's bookkeeping runs while the GPU computes (vLLM's async scheduling; tokens then reach callers one "
+        "step() later). None: on where decode runs in CUDA graphs (elsewhere a burst is computed when it is "
+        "queued, so there is nothing to overlap).",
+    )
     num_scheduler_steps: int = Field(
         8, ge=1, le=64,
         description="When every running sequence is decoding greedily (no logprobs) and nobody is waiting "

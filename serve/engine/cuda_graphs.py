@@ -135,12 +135,15 @@ class DecodeGraphs:
     def fits(self, batch: int, blocks: int) -> bool:
         return batch <= self.batch_sizes[-1] and blocks <= self.block_counts[-1]
 
-    def run(self, tokens: list[int], positions: list[int], slots: list[int], tables: list[list[int]],
+    def run(self, tokens: list[int] | None, positions: list[int], slots: list[int], tables: list[list[int]],
             steps: int = 1) -> torch.Tensor:
-        """Decode len(tokens) sequences. ``steps == 1``: one step -> fp32 logits (B, V).
+        """Decode len(positions) sequences. ``steps == 1``: one step -> fp32 logits (B, V).
         ``steps > 1``: that many greedy steps back to back -> token ids (B, steps) on the GPU; every
-        table must then cover position + steps - 1."""
-        n = len(tokens)
+        table must then cover position + steps - 1. ``tokens=None`` continues the previous multi-step
+        run of the same sequences from the tokens its last replay left in the inputs, on the GPU
+        (the host need not have seen them: the next burst is queued before the last one's tokens
+        are read back)."""
+        n = len(positions)
         if steps > self.max_steps:
             raise ValueError(f"steps {steps} > max_steps {self.max_steps}")
         b = self.batch_sizes[bisect.bisect_left(self.batch_sizes, n)]
@@ -153,11 +156,16 @@ class DecodeGraphs:
         h[:b, 0:2] = 0  # rows n..b are padding: position 0 of the scratch block
         h[:b, 2] = scratch * bs
         h[:b, 4 : 4 + nb] = scratch
-        h[:n, 0], h[:n, 1], h[:n, 2] = tokens, positions, slots
+        if tokens is not None:
+            h[:n, 0] = tokens
+        h[:n, 1], h[:n, 2] = positions, slots
         h[:b, 3] = h[:b, 1] + 1
         for i, tb in enumerate(tables):
             h[i, 4 : 4 + len(tb)] = tb
+        kept = None if tokens is not None else self.inputs[:n, 0].clone()  # in stream order, after the last burst
         self.inputs[:b, : 4 + nb].copy_(self.host[:b, : 4 + nb], non_blocking=True)
+        if kept is not None:
+            self.inputs[:n, 0].copy_(kept)
         self._copy_done = torch.cuda.Event()
         self._copy_done.record()
         graph, out = self.graphs[(b, nb)]  # every bucket was captured at load

@@ -27,7 +27,7 @@ from cluster.errors import ConfigError
 from cluster.model import Transformer
 from serve.engine.hashing import model_identity
 from serve.engine.kv_cache_manager import KVCacheManager
-from serve.engine.model_runner import ModelRunner
+from serve.engine.model_runner import ModelRunner, PendingTokens
 from serve.engine.request import EngineInputError, RequestOutput, Sequence, Status
 from serve.engine.sampler import Sampler
 from serve.engine.sampling_params import SamplingParams
@@ -141,6 +141,9 @@ class LLMEngine:
         self._seqs: dict[str, Sequence] = {}  # ids known to the scheduler
         self.prompt_tokens = 0
         self.generation_tokens = 0
+        # async scheduling: a multi-step burst whose tokens are not applied yet (its sequences, its tokens)
+        self.async_scheduling = cfg.async_scheduling if cfg.async_scheduling is not None else self.runner.graphs is not None
+        self._inflight: tuple[list[Sequence], PendingTokens] | None = None
 
     # -- construction helpers ------------------------------------------------------------------
     @classmethod
@@ -232,14 +235,24 @@ class LLMEngine:
 
     # -- the loop ------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        """Apply queued adds/aborts, schedule, run the model once, sample, and report."""
+        """Apply queued adds/aborts, schedule, run the model once, sample, and report.
+
+        With async scheduling, a multi-step burst's tokens are reported by the next ``step()``, which
+        first queues the following burst of the same sequences when nothing else waits (the host
+        applies one burst while the GPU runs the next)."""
+        if self._inflight is not None:
+            return self._step_inflight()
         outputs = self._drain()
         batch = self.scheduler.schedule()
         if not batch.seqs:
             return outputs
         steps = self._decode_steps(batch)
         if steps > 1:
-            return outputs + self._apply_steps(batch.seqs, self.runner.decode_steps(batch.seqs, steps))
+            pending = self.runner.decode_steps_async(batch.seqs, steps)
+            if self.async_scheduling:
+                self._inflight = (batch.seqs, pending)
+                return outputs
+            return outputs + self._apply_steps(batch.seqs, pending.get())
         t0 = time.perf_counter()
         logits = self.runner.execute(batch.seqs, batch.num_new_tokens)
         sampling: list[Sequence] = []
@@ -298,11 +311,41 @@ class LLMEngine:
                 return 1
         return k
 
+    def _step_inflight(self) -> list[RequestOutput]:
+        """Queue the next burst of the in-flight burst's sequences if they may go on, then apply the
+        in-flight burst's tokens (waiting for them while the GPU runs the next)."""
+        seqs, pending = self._inflight
+        steps = self._continue_steps(seqs, pending.steps)
+        self._inflight = (seqs, self.runner.decode_steps_async(seqs, steps, after=pending)) if steps > 1 else None
+        return self._apply_steps(seqs, pending.get())
+
+    def _continue_steps(self, seqs: list[Sequence], ahead: int) -> int:
+        """How many steps the burst after the in-flight one (``ahead`` tokens not applied yet) may
+        run: ``_decode_steps``' rule with those tokens counted; 1 (stop) when a request or abort is
+        queued, someone waits for a slot while one is free, a sequence finished, or KV is short."""
+        if self._pending or (self.scheduler.waiting and len(self.scheduler.running) < self.cfg.max_num_seqs):
+            return 1
+        if len(self.scheduler.running) != len(seqs) or any(s.is_finished for s in seqs):
+            return 1
+        k = self.cfg.num_scheduler_steps
+        for seq in seqs:
+            p = seq.params
+            k = min(k, p.max_tokens - len(seq.output_token_ids) - ahead, self.max_model_len - seq.num_tokens - ahead + 1)
+        if k < 2:
+            return 1
+        for seq in seqs:
+            if not self.kv.allocate(seq, ahead + k):
+                return 1
+        return k
+
     def _apply_steps(self, seqs: list[Sequence], tokens: list[list[int]]) -> list[RequestOutput]:
         """Append each sequence's multi-step tokens up to its first stop; what a sequence generated
-        past its stop is dropped (its KV lies beyond ``num_computed_tokens``, in blocks freed with it)."""
+        past its stop is dropped (its KV lies beyond ``num_computed_tokens``, in blocks freed with it),
+        as is a burst of a sequence that finished in the burst before it (async scheduling)."""
         outputs = []
         for seq, toks in zip(seqs, tokens, strict=True):
+            if seq.is_finished:
+                continue
             new, reason = self._accept(seq, toks)
             seq.num_computed_tokens += len(new)
             seq.output_token_ids.extend(new)

@@ -154,6 +154,25 @@ class PagedAttention:
         return decode_attention(q, cache[0], cache[1], m.decode_tables, m.decode_mask, q.shape[1] // cache.shape[3])
 
 
+class PendingTokens:
+    """The tokens of a multi-step burst (``ModelRunner.decode_steps_async``): ``get()`` -> each
+    sequence's ``steps`` greedy tokens, waiting for the GPU's copy if the burst ran in CUDA graphs.
+    ``on_gpu``: its last tokens also sit in the decode graphs' inputs, so the next burst of the same
+    sequences can be queued before this one is read back."""
+
+    def __init__(self, steps: int, tokens: list[list[int]] | None = None, host: torch.Tensor | None = None,
+                 done: torch.cuda.Event | None = None) -> None:
+        self.steps = steps
+        self._tokens, self._host, self._done = tokens, host, done
+        self.on_gpu = tokens is None
+
+    def get(self) -> list[list[int]]:
+        if self._tokens is None:
+            self._done.synchronize()
+            self._tokens = self._host.tolist()
+        return self._tokens
+
+
 class ModelRunner:
     def __init__(
         self, model: Transformer, kv: KVCacheManager, device: torch.device, *, cuda_graphs: bool = False,
@@ -181,6 +200,10 @@ class ModelRunner:
             self.graphs = DecodeGraphs(self.fused, kv, device, max_batch, -(-max_model_len // kv.block_size),
                                        compile=compile, max_steps=max_steps, paged=self.paged)
             self.graphs.capture_all()
+            # two pinned buffers for multi-step tokens: one burst's copy lands while the other's is read
+            self._burst_host = [torch.zeros(max_batch, max(1, max_steps), dtype=torch.long, pin_memory=True)
+                                for _ in range(2)]
+            self._burst_flip = 0
             if max_tokens and all(self.fused.decode_weights(i) is not None for i in range(len(self.fused.layers))):
                 if self.paged:  # whole steps as graphs (attention from static buffers)
                     self.steps = StepGraphs(self.fused, kv, device, max_tokens, max_batch,
@@ -320,13 +343,17 @@ class ModelRunner:
             x = x.index_select(0, torch.tensor(rows, dtype=torch.long).to(self.device, non_blocking=True))
         return fm.logits(x)  # (S, V)
 
-    def _graph_decode(self, seqs: list[Sequence], steps: int = 1) -> torch.Tensor | None:
+    def _graph_decode(self, seqs: list[Sequence], steps: int = 1, offset: int = 0,
+                      last: list[int] | None = None) -> torch.Tensor | None:
+        """Decode ``seqs`` in the CUDA graphs from ``offset`` positions past their computed tokens:
+        the input token of each is its own (``offset == 0``), ``last`` (given), or — with neither —
+        the one the previous burst's last replay left in the graphs' inputs."""
         bs = self.block_size
-        pos = [s.num_computed_tokens for s in seqs]
+        pos = [s.num_computed_tokens + offset for s in seqs]
         tables = [self.kv.block_tables[s.request_id][: (p + steps - 1) // bs + 1] for s, p in zip(seqs, pos, strict=False)]
         if not self.graphs.fits(len(seqs), max(len(t) for t in tables)):
             return None
-        toks = [s.token_slice(p, p + 1)[0] for s, p in zip(seqs, pos, strict=False)]
+        toks = last if offset else [s.token_slice(p, p + 1)[0] for s, p in zip(seqs, pos, strict=False)]
         slots = [t[p // bs] * bs + p % bs for t, p in zip(tables, pos, strict=False)]
         return self.graphs.run(toks, pos, slots, tables, steps)
 
@@ -336,13 +363,31 @@ class ModelRunner:
         for ``steps`` more tokens) with no scheduling or sampling in between -> each sequence's new
         tokens. In CUDA graphs when the batch fits one (the tokens stay on the GPU until the end),
         else eagerly."""
-        if self.graphs is not None and steps <= self.graphs.max_steps:
-            out = self._graph_decode(seqs, steps)
-            if out is not None:
-                return out.tolist()
+        return self.decode_steps_async(seqs, steps).get()
+
+    @torch.inference_mode()
+    def decode_steps_async(self, seqs: list[Sequence], steps: int, after: PendingTokens | None = None) -> PendingTokens:
+        """``decode_steps``, returning before the tokens are back when the burst runs in CUDA graphs.
+        ``after``: the burst of the same ``seqs`` (same order) still to be applied: this one starts
+        where it ends (KV blocks reserved for both). When both run in the graphs, this one is queued
+        behind it on the GPU without reading its tokens back first — the host applies one burst while
+        the GPU runs the next (vLLM's async scheduling)."""
+        offset = after.steps if after is not None else 0
+        if self.graphs is not None and 1 < steps <= self.graphs.max_steps:
+            last = None if after is None or after.on_gpu else [t[-1] for t in after.get()]
+            if self._graph_decode(seqs, steps, offset, last) is not None:
+                host = self._burst_host[self._burst_flip][: len(seqs)]  # whole rows: one contiguous copy
+                self._burst_flip ^= 1
+                host.copy_(self.graphs.history[: len(seqs)], non_blocking=True)
+                done = torch.cuda.Event()
+                done.record()
+                return PendingTokens(steps, host=host[:, :steps], done=done)
         bs, n = self.block_size, len(seqs)
-        pos = [s.num_computed_tokens for s in seqs]
-        toks = [s.token_slice(p, p + 1)[0] for s, p in zip(seqs, pos, strict=True)]
+        pos = [s.num_computed_tokens + offset for s in seqs]
+        if after is not None:
+            toks = [t[-1] for t in after.get()]
+        else:
+            toks = [s.token_slice(p, p + 1)[0] for s, p in zip(seqs, pos, strict=True)]
         tables = [self.kv.block_tables[s.request_id] for s in seqs]
         out: list[list[int]] = [[] for _ in seqs]
         for _ in range(steps):
@@ -355,4 +400,4 @@ class ModelRunner:
             for o, t in zip(out, toks, strict=True):
                 o.append(t)
             pos = [p + 1 for p in pos]
-        return out
+        return PendingTokens(steps, tokens=out)

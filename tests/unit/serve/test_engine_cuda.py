@@ -73,11 +73,13 @@ def test_sampling_on_cuda_seeded():
     assert all(len(c.logprobs) == 8 for c in a)
 
 
-@pytest.mark.parametrize("variant", ["eager", "compiled", "triton"])
-def test_multi_step_graph_bursts_match_reference(variant, monkeypatch):
+@pytest.mark.parametrize("variant,async_scheduling", [("eager", None), ("compiled", None), ("triton", None),
+                                                      ("eager", False)])
+def test_multi_step_graph_bursts_match_reference(variant, async_scheduling, monkeypatch):
     """Bursts of up to 8 graph replays that feed their own greedy tokens forward (positions crossing
     block boundaries, stops inside a burst, batch sizes shrinking as requests finish) give the
-    reference tokens."""
+    reference tokens; with async scheduling (CUDA's default) bursts are queued from the tokens the
+    previous burst left on the GPU, before the host has read them."""
     monkeypatch.setenv("RETORT_ENGINE_COMPILE", "1" if variant == "compiled" else "0")
     monkeypatch.setenv("RETORT_GRAPH_VARIANT", variant)
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -88,12 +90,15 @@ def test_multi_step_graph_bursts_match_reference(variant, monkeypatch):
     params = [SamplingParams(max_tokens=m, temperature=0.0, stop_token_ids=[stop] if i == 0 else [])
               for i, m in enumerate((40, 1, 2, 7, 9, 17, 25, 33, 40))]
     eng = LLMEngine(tiny_model(), EngineConfig(device="cuda", dtype="float32", num_blocks=160, block_size=8,
-                                               num_scheduler_steps=8))
+                                               num_scheduler_steps=8, async_scheduling=async_scheduling))
+    assert eng.async_scheduling is (async_scheduling is None)
     seen: list[int] = []
+    on_gpu: list[bool] = []
     run = eng.runner.graphs.run
 
     def spy(tokens, positions, slots, tables, steps=1):
         seen.append(steps)
+        on_gpu.append(tokens is None)
         return run(tokens, positions, slots, tables, steps)
 
     eng.runner.graphs.run = spy
@@ -102,6 +107,12 @@ def test_multi_step_graph_bursts_match_reference(variant, monkeypatch):
     want[0] = full[0][: full[0].index(stop) + 1]
     assert [c.token_ids for c in got] == want
     assert max(seen) == 8 and seen.count(1) < len(seen)
+    # equal lengths: no request ends inside a burst, so async bursts chain on the GPU
+    on_gpu.clear()
+    same = [SamplingParams(max_tokens=40, temperature=0.0)] * 4
+    assert [c.token_ids for c in eng.generate(prompts[1:5], same)] == full[1:5]
+    assert any(on_gpu) == eng.async_scheduling
+    assert eng.stats().num_blocks_free == eng.stats().num_blocks_total
 
 
 @pytest.mark.parametrize("block_q,splits", [(16, 1), (64, 1), (16, 8), (64, 3)])

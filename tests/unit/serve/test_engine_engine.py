@@ -220,15 +220,15 @@ def test_multi_step_decode_matches_reference():
     eng = LLMEngine(tiny_model(), EngineConfig(device="cpu", dtype="float32", num_blocks=64, block_size=8,
                                                num_scheduler_steps=6))
     bursts: list[int] = []
-    run = eng.runner.decode_steps
+    run = eng.runner.decode_steps_async
 
-    def spy(seqs, steps):
+    def spy(seqs, steps, after=None):
         bursts.append(steps)
         for s in seqs:  # blocks for every position the burst computes were reserved
             assert len(eng.kv.block_tables[s.request_id]) * 8 >= s.num_computed_tokens + steps
-        return run(seqs, steps)
+        return run(seqs, steps, after)
 
-    eng.runner.decode_steps = spy
+    eng.runner.decode_steps_async = spy
     prompts = random_prompts(4, 5, 30, seed=41)
     full = [reference_greedy(ref, p, 20) for p in prompts]
     stop = full[1][9]  # request 1 stops at its 10th token, in the middle of a burst
@@ -246,6 +246,77 @@ def test_multi_step_decode_matches_reference():
     bursts.clear()
     eng.generate(prompts[:2], [SamplingParams(max_tokens=8, temperature=0.7, seed=1), SamplingParams(max_tokens=8, logprobs=1, **g)])
     assert bursts == []
+
+
+def _async_engine(**kw) -> LLMEngine:
+    """A CPU engine with async scheduling forced on (its default is on only where decode runs in CUDA
+    graphs): bursts are computed when queued, but the engine logic is the GPU's."""
+    cfg = dict(device="cpu", dtype="float32", num_blocks=64, block_size=8, num_scheduler_steps=4, async_scheduling=True)
+    return LLMEngine(tiny_model(), EngineConfig(**{**cfg, **kw}))
+
+
+def test_async_scheduling_queues_the_next_burst_before_applying_the_last():
+    """Each burst after the first is queued with the one before it still unapplied (``after``), with KV
+    for both reserved; tokens, stops mid-burst, max_tokens and counters equal the reference."""
+    ref = tiny_model()
+    eng = _async_engine()
+    assert _async_engine(async_scheduling=None).async_scheduling is False  # CPU default
+    calls: list[tuple[int, int]] = []
+    run = eng.runner.decode_steps_async
+
+    def spy(seqs, steps, after=None):
+        ahead = after.steps if after is not None else 0
+        calls.append((steps, ahead))
+        for s in seqs:  # blocks for the unapplied burst and this one
+            assert len(eng.kv.block_tables[s.request_id]) * 8 >= s.num_computed_tokens + ahead + steps
+        return run(seqs, steps, after)
+
+    eng.runner.decode_steps_async = spy
+    prompts = random_prompts(3, 5, 30, seed=43)
+    full = [reference_greedy(ref, p, 24) for p in prompts]
+    stop = full[1][9]  # request 1 stops at its 10th token, while a later burst is already queued
+    g = dict(temperature=0.0)
+    params = [SamplingParams(max_tokens=24, **g), SamplingParams(max_tokens=24, stop_token_ids=[stop], **g),
+              SamplingParams(max_tokens=17, **g)]
+    got = eng.generate(prompts, params)
+    assert [c.token_ids for c in got] == [full[0], full[1][: full[1].index(stop) + 1], full[2][:17]]
+    assert [c.finish_reason for c in got] == ["length", "stop", "length"]
+    assert any(ahead for _, ahead in calls), calls  # continuations happened
+    assert eng.stats().generation_tokens == sum(len(c.token_ids) for c in got)
+    assert eng._inflight is None and not eng.has_unfinished() and eng.stats().num_running == 0
+    assert eng.stats().num_blocks_free == eng.stats().num_blocks_total  # nothing leaked
+
+
+def test_async_scheduling_stops_for_aborts_and_newcomers():
+    """An abort or a new request queued while a burst is in flight ends the pipeline: the burst's
+    tokens are still reported, then the abort / admission happens; everything stays exact."""
+    ref = tiny_model()
+    eng = _async_engine()
+    prompts = random_prompts(3, 6, 20, seed=47)
+    for i, p in enumerate(prompts[:2]):
+        eng.add_request(f"r{i}", p, SamplingParams(max_tokens=30, temperature=0.0))
+    got: dict[str, list[int]] = {"r0": [], "r1": [], "r2": []}
+    reasons: dict[str, str] = {}
+
+    def step():
+        for o in eng.step():
+            got[o.request_id].extend(o.new_token_ids)
+            if o.finished:
+                reasons[o.request_id] = o.finish_reason
+
+    while eng._inflight is None:
+        step()
+    eng.abort("r1")
+    eng.add_request("r2", prompts[2], SamplingParams(max_tokens=12, temperature=0.0))
+    step()  # applies the in-flight burst, queues nothing
+    assert eng._inflight is None and "r1" not in reasons
+    while eng.has_unfinished():
+        step()
+    assert reasons == {"r0": "length", "r1": "abort", "r2": "length"}
+    assert got["r0"] == reference_greedy(ref, prompts[0], 30)
+    assert got["r1"] == reference_greedy(ref, prompts[1], 30)[: len(got["r1"])] and got["r1"]
+    assert got["r2"] == reference_greedy(ref, prompts[2], 12)
+    assert eng.stats().num_blocks_free == eng.stats().num_blocks_total
 
 
 def test_multi_step_yields_to_waiting_requests():
