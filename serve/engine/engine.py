@@ -213,8 +213,10 @@ class LLMEngine:
                 self._pending.append(("abort", request_id))
 
     def has_unfinished(self) -> bool:
+        """Requests not reported finished, or a burst still to be applied (async scheduling: one
+        queued before its sequences finished — a stop token — is drained by one more ``step()``)."""
         with self._lock:
-            return bool(self._live)
+            return bool(self._live) or self._inflight is not None
 
     def stats(self) -> EngineStats:
         pool = self.kv.pool
@@ -322,16 +324,20 @@ class LLMEngine:
     def _continue_steps(self, seqs: list[Sequence], ahead: int) -> int:
         """How many steps the burst after the in-flight one (``ahead`` tokens not applied yet) may
         run: ``_decode_steps``' rule with those tokens counted; 1 (stop) when a request or abort is
-        queued, someone waits for a slot while one is free, a sequence finished, or KV is short."""
+        queued, someone waits for a slot while one is free, a sequence finished, or KV is short.
+        Unlike ``_decode_steps`` it does not stop at the nearest max_tokens: a sequence that reaches
+        its own inside the burst rides along (``_accept`` drops what it computed past it) — a burst
+        sized to the nearest finish would end every pipeline there."""
         if self._pending or (self.scheduler.waiting and len(self.scheduler.running) < self.cfg.max_num_seqs):
             return 1
         if len(self.scheduler.running) != len(seqs) or any(s.is_finished for s in seqs):
             return 1
-        k = self.cfg.num_scheduler_steps
+        k, longest = self.cfg.num_scheduler_steps, 0
         for seq in seqs:
-            p = seq.params
-            k = min(k, p.max_tokens - len(seq.output_token_ids) - ahead, self.max_model_len - seq.num_tokens - ahead + 1)
-        if k < 2:
+            longest = max(longest, seq.params.max_tokens - len(seq.output_token_ids) - ahead)
+            k = min(k, self.max_model_len - seq.num_tokens - ahead + 1)  # positions stay in the model's range
+        k = min(k, longest)
+        if k < 2:  # (also when every sequence ends with the in-flight burst)
             return 1
         for seq in seqs:
             if not self.kv.allocate(seq, ahead + k):

@@ -287,6 +287,30 @@ def test_async_scheduling_queues_the_next_burst_before_applying_the_last():
     assert eng.stats().num_blocks_free == eng.stats().num_blocks_total  # nothing leaked
 
 
+def test_async_scheduling_chains_bursts_past_requests_reaching_max_tokens():
+    """Mixed max_tokens: the burst after one sized to the nearest finish is queued with the
+    finishing request riding along (what it computes past max_tokens is dropped), so bursts keep
+    chaining; tokens exact."""
+    ref = tiny_model()
+    eng = _async_engine(num_blocks=96)
+    chained = []
+    run = eng.runner.decode_steps_async
+
+    def spy(seqs, steps, after=None):
+        if after is not None:
+            chained.append(len(seqs))
+        return run(seqs, steps, after)
+
+    eng.runner.decode_steps_async = spy
+    prompts = random_prompts(4, 5, 25, seed=53)
+    lengths = (6, 11, 18, 30)
+    params = [SamplingParams(max_tokens=n, temperature=0.0) for n in lengths]
+    got = eng.generate(prompts, params)
+    assert [c.token_ids for c in got] == [reference_greedy(ref, p, n) for p, n in zip(prompts, lengths, strict=True)]
+    assert {4, 2} <= set(chained), chained  # chained from the start (past the 6-token request) and later
+    assert eng.stats().num_blocks_free == eng.stats().num_blocks_total
+
+
 def test_async_scheduling_stops_for_aborts_and_newcomers():
     """An abort or a new request queued while a burst is in flight ends the pipeline: the burst's
     tokens are still reported, then the abort / admission happens; everything stays exact."""
