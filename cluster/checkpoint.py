@@ -28,7 +28,9 @@ WEIGHTS = "model.safetensors"
 def _rope_theta(hf: dict[str, Any]) -> float:
     rp = hf.get("rope_parameters") or {}
     if rp.get("rope_type", "default") not in ("default", None):
-        raise RetortError(f"unsupported rope scaling {rp.get('rope_type')!r}; only default RoPE is implemented")
+        raise RetortError(
+            f"unsupported rope scaling {rp.get('rope_type')!r}; only default RoPE is implemented"
+        )
     rs = hf.get("rope_scaling")
     if rs and rs.get("rope_type", rs.get("type", "default")) != "default":
         raise RetortError(f"unsupported rope_scaling {rs!r}; only default RoPE is implemented")
@@ -57,7 +59,9 @@ def config_from_hf(hf: dict[str, Any], source: str = "config.json") -> ModelConf
             n_layers=hf["num_hidden_layers"],
             n_heads=n_heads,
             n_kv_heads=hf.get("num_key_value_heads") or n_heads,
-            head_dim=hf.get("head_dim") if hf.get("head_dim") not in (None, hf["hidden_size"] // n_heads) else None,
+            head_dim=hf.get("head_dim")
+            if hf.get("head_dim") not in (None, hf["hidden_size"] // n_heads)
+            else None,
             d_ff=hf["intermediate_size"],
             max_seq_len=hf.get("max_position_embeddings", 2048),
             rope_theta=_rope_theta(hf),
@@ -155,9 +159,13 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
     missing = sorted(expected - sd.keys())
     unexpected = sorted(k for k in sd.keys() - expected if not k.endswith("rotary_emb.inv_freq"))
     if missing:
-        raise RetortError(f"{path}: missing tensors: {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
+        raise RetortError(
+            f"{path}: missing tensors: {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}"
+        )
     if unexpected:
-        raise RetortError(f"{path}: unexpected tensors: {', '.join(unexpected[:5])}{' ...' if len(unexpected) > 5 else ''}")
+        raise RetortError(
+            f"{path}: unexpected tensors: {', '.join(unexpected[:5])}{' ...' if len(unexpected) > 5 else ''}"
+        )
     model.load_state_dict(sd, strict=False, assign=True)
     if cfg.tie_embeddings and isinstance(model.lm_head, torch.nn.Linear):  # a quantized table ties itself
         model.lm_head.weight = model.model.embed_tokens.weight

@@ -21,10 +21,14 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def add_job_args(p: argparse.ArgumentParser, default_config: str | None = None) -> None:
-    p.add_argument("-c", "--config", default=default_config, required=default_config is None, help="YAML config")
+    p.add_argument(
+        "-c", "--config", default=default_config, required=default_config is None, help="YAML config"
+    )
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
     p.add_argument("--local", action="store_true", help="run as a local subprocess instead of a Ray job")
-    p.add_argument("--address", default=None, help="Ray dashboard address (default: RAY_ADDRESS or the local head)")
+    p.add_argument(
+        "--address", default=None, help="Ray dashboard address (default: RAY_ADDRESS or the local head)"
+    )
 
 
 def validate_job_config(kind: str, config: str | None, overrides: list[str]):
@@ -56,7 +60,9 @@ def dashboard_address(explicit: str | None = None) -> str:
 
     url = dashboard_url()
     if url is None:
-        raise RetortError("no Ray cluster is running: start one with `retort up`, pass --address, or use --local")
+        raise RetortError(
+            "no Ray cluster is running: start one with `retort up`, pass --address, or use --local"
+        )
     # the local head's token (it may live outside ~/.ray): only when talking to that head
     auth = {k: v for k, v in client_env().items() if k.startswith("RAY_AUTH") and k not in os.environ}
     if auth:
@@ -72,7 +78,9 @@ FORWARDED = ("RETORT_", "TORCH_EXTENSIONS_DIR", "HF_HUB_OFFLINE", "TRANSFORMERS_
 
 def git_commit() -> str | None:
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=5)
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=5
+        )
     except (OSError, subprocess.TimeoutExpired):
         return None
     return out.stdout.strip() or None if out.returncode == 0 else None
@@ -87,8 +95,13 @@ def forwarded_env() -> dict[str, str]:
     return env
 
 
-def submit(cmd: list[str], name: str, address: str | None = None, env: dict[str, str] | None = None,
-           follow: bool = True) -> str:
+def submit(
+    cmd: list[str],
+    name: str,
+    address: str | None = None,
+    env: dict[str, str] | None = None,
+    follow: bool = True,
+) -> str:
     """Submit ``cmd`` as a Ray job from the repo as working dir; stream logs; raise on failure."""
     url = dashboard_address(address)
     if "RAY_AUTH_MODE" not in os.environ:  # Retort clusters run with token auth
@@ -105,8 +118,9 @@ def submit(cmd: list[str], name: str, address: str | None = None, env: dict[str,
         "env_vars": {**forwarded_env(), **(env or {})},
     }
     entry = shlex.join(cmd)
-    job_id = client.submit_job(entrypoint=entry, runtime_env=runtime_env,
-                               submission_id=f"retort-{name}-{int(time.time())}")
+    job_id = client.submit_job(
+        entrypoint=entry, runtime_env=runtime_env, submission_id=f"retort-{name}-{int(time.time())}"
+    )
     print(f"submitted {job_id}: {entry}", flush=True)
     if not follow:
         return job_id
@@ -124,7 +138,9 @@ def submit(cmd: list[str], name: str, address: str | None = None, env: dict[str,
         status = client.get_job_status(job_id)
     if status != JobStatus.SUCCEEDED:
         info = client.get_job_info(job_id)
-        raise JobFailed(f"job {job_id} {status.value.lower()}: {info.message or ''} (logs: ray job logs {job_id})".strip())
+        raise JobFailed(
+            f"job {job_id} {status.value.lower()}: {info.message or ''} (logs: ray job logs {job_id})".strip()
+        )
     return job_id
 
 

@@ -41,7 +41,9 @@ class RMSNorm(nn.Module):
         return self.weight * x.to(dtype)
 
 
-def rope_cos_sin(positions: torch.Tensor, dim: int, theta: float, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_cos_sin(
+    positions: torch.Tensor, dim: int, theta: float, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
     """positions (B, T) -> cos, sin (B, T, 1, dim), HF's rotate-half layout."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, device=positions.device, dtype=torch.float32) / dim))
     freqs = positions.float()[..., None] * inv_freq  # (B, T, dim/2)
@@ -65,7 +67,9 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.d_model, self.n_kv_heads * self.head_dim, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.d_model, bias=False)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv: KVCache | None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv: KVCache | None
+    ) -> torch.Tensor:
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
@@ -75,8 +79,11 @@ class Attention(nn.Module):
             out = kv.attend(self.layer, q, k, v)  # (B, T, H, D)
         else:
             out = F.scaled_dot_product_attention(
-                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),  # (B, H, T, D)
-                is_causal=True, enable_gqa=self.n_kv_heads != self.n_heads,
+                q.transpose(1, 2),
+                k.transpose(1, 2),
+                v.transpose(1, 2),  # (B, H, T, D)
+                is_causal=True,
+                enable_gqa=self.n_kv_heads != self.n_heads,
             ).transpose(1, 2)
         return self.o_proj(out.reshape(B, T, self.n_heads * self.head_dim))
 
@@ -100,7 +107,9 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv: KVCache | None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv: KVCache | None
+    ) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv)
         return x + self.mlp(self.post_attention_layernorm(x))
 
@@ -161,7 +170,9 @@ class Transformer(nn.Module):
         return sum(p.numel() for p in {id(p): p for p in self.parameters()}.values())
 
     @classmethod
-    def from_pretrained(cls, path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> Transformer:
+    def from_pretrained(
+        cls, path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
+    ) -> Transformer:
         from cluster.checkpoint import load_model
 
         return load_model(path, device=device, dtype=dtype)

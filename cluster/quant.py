@@ -64,20 +64,30 @@ QUANT_METHOD = "retort"
 
 # ----------------------------------------------------------------------------- modules
 
+
 class QuantLinear(nn.Module):
     """Base: buffers hold the canonical layout; ``forward`` runs the selected kernel."""
 
     scheme = ""
 
-    def __init__(self, in_features: int, out_features: int, bias: bool, symmetric: bool,
-                 group_size: int | None = None, name: str = "") -> None:
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool,
+        symmetric: bool,
+        group_size: int | None = None,
+        name: str = "",
+    ) -> None:
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.symmetric, self.group_size, self.name = symmetric, group_size, name
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
         self._kernels: dict[str, Any] = {}  # kernel name -> prepared state (not serialized)
         self._choice: dict[tuple, str] = {}  # (device, dtype, bucket) -> kernel name
-        self._bound: dict[tuple, Callable[[torch.Tensor], torch.Tensor]] = {}  # same key -> x (M, K) -> (M, N)
+        self._bound: dict[
+            tuple, Callable[[torch.Tensor], torch.Tensor]
+        ] = {}  # same key -> x (M, K) -> (M, N)
 
     def extra_repr(self) -> str:
         g = f", group_size={self.group_size}" if self.group_size else ""
@@ -108,7 +118,9 @@ class QuantLinear(nn.Module):
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)  # (M, K)
         key = (x2.device.type, x2.dtype, _bucket(x2.shape[0]))
-        run = self._bound.get(key)  # the hot path: one dict lookup, then the kernel (decode is overhead-bound)
+        run = self._bound.get(
+            key
+        )  # the hot path: one dict lookup, then the kernel (decode is overhead-bound)
         if run is None:
             kernel = self.kernel_for(x2)
             run = self._bound[key] = kernel.bind(self) if kernel.bind else partial(kernel.run, self)
@@ -138,8 +150,15 @@ class Int8Linear(QuantLinear):
 
     scheme = "int8"
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = False, symmetric: bool = True,
-                 group_size: int | None = None, name: str = "") -> None:
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = False,
+        symmetric: bool = True,
+        group_size: int | None = None,
+        name: str = "",
+    ) -> None:
         super().__init__(in_features, out_features, bias, symmetric, None, name)
         self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=torch.int8))
         self.register_buffer("weight_scale", torch.ones(out_features))
@@ -160,8 +179,15 @@ class W8A8Linear(Int8Linear):
 
     scheme = "w8a8"
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = False, symmetric: bool = True,
-                 group_size: int | None = None, name: str = "") -> None:
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = False,
+        symmetric: bool = True,
+        group_size: int | None = None,
+        name: str = "",
+    ) -> None:
         if not symmetric:
             raise RetortError(f"{name or 'w8a8'}: w8a8 needs symmetric weights (set symmetric: true)")
         super().__init__(in_features, out_features, bias, True, None, name)
@@ -172,8 +198,15 @@ class Int4Linear(QuantLinear):
 
     scheme = "int4"
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = False, symmetric: bool = False,
-                 group_size: int | None = 128, name: str = "") -> None:
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = False,
+        symmetric: bool = False,
+        group_size: int | None = 128,
+        name: str = "",
+    ) -> None:
         group_size = check_group_size(group_size, in_features, name)
         super().__init__(in_features, out_features, bias, symmetric, group_size, name)
         G = in_features // group_size
@@ -183,8 +216,9 @@ class Int4Linear(QuantLinear):
             self.register_buffer("weight_zero", torch.zeros(out_features, G))
 
     @classmethod
-    def from_float(cls, lin: nn.Linear, symmetric: bool = False, group_size: int | None = 128,
-                   name: str = "", **_: Any) -> Int4Linear:
+    def from_float(
+        cls, lin: nn.Linear, symmetric: bool = False, group_size: int | None = 128, name: str = "", **_: Any
+    ) -> Int4Linear:
         m = cls(lin.in_features, lin.out_features, lin.bias is not None, symmetric, group_size, name)
         return m._fill(lin, *quantize_int4(lin.weight, m.group_size, symmetric))
 
@@ -198,8 +232,12 @@ class W4A8Linear(Int4Linear):
     scheme = "w4a8"
 
 
-MODULES: dict[str, type[QuantLinear]] = {"int8": Int8Linear, "int4": Int4Linear, "w8a8": W8A8Linear,
-                                         "w4a8": W4A8Linear}
+MODULES: dict[str, type[QuantLinear]] = {
+    "int8": Int8Linear,
+    "int4": Int4Linear,
+    "w8a8": W8A8Linear,
+    "w4a8": W4A8Linear,
+}
 
 
 class _EmbeddingMixin:
@@ -211,7 +249,9 @@ class _EmbeddingMixin:
     def from_embedding(cls, emb: nn.Embedding, symmetric: bool, group_size: int | None, name: str = ""):
         m = cls(emb.embedding_dim, emb.num_embeddings, False, symmetric, group_size, name)
         w = emb.weight.detach()
-        qsz = quantize_int4(w, m.group_size, symmetric) if m.scheme in GROUPED else quantize_int8(w, symmetric)
+        qsz = (
+            quantize_int4(w, m.group_size, symmetric) if m.scheme in GROUPED else quantize_int8(w, symmetric)
+        )
         return m._fill(emb, *qsz)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -243,8 +283,12 @@ class W4A8Embedding(_EmbeddingMixin, W4A8Linear):
     pass
 
 
-EMBEDDINGS: dict[str, type[QuantLinear]] = {"int8": Int8Embedding, "int4": Int4Embedding, "w8a8": W8A8Embedding,
-                                            "w4a8": W4A8Embedding}
+EMBEDDINGS: dict[str, type[QuantLinear]] = {
+    "int8": Int8Embedding,
+    "int4": Int4Embedding,
+    "w8a8": W8A8Embedding,
+    "w4a8": W4A8Embedding,
+}
 
 
 class TiedQuantHead(nn.Module):
@@ -274,18 +318,34 @@ def check_group_size(group_size: int | None, in_features: int, name: str) -> int
 
 def kernel_choices(model: nn.Module) -> dict[str, list[str]]:
     """module name -> the kernels chosen so far (one per batch bucket seen), for reports."""
-    return {n: sorted(set(m._choice.values())) for n, m in model.named_modules()
-            if isinstance(m, QuantLinear) and m._choice}
+    return {
+        n: sorted(set(m._choice.values()))
+        for n, m in model.named_modules()
+        if isinstance(m, QuantLinear) and m._choice
+    }
 
 
 # ----------------------------------------------------------------------------- whole models
 
-def quant_config(scheme: str, group_size: int | None, symmetric: bool, modules_not_converted: list[str] | None,
-                 embeddings: dict[str, Any] | None = None) -> dict[str, Any]:
+
+def quant_config(
+    scheme: str,
+    group_size: int | None,
+    symmetric: bool,
+    modules_not_converted: list[str] | None,
+    embeddings: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """The ``quantization_config`` written into config.json (validated)."""
-    return validate_qcfg({"quant_method": QUANT_METHOD, "scheme": scheme, "group_size": group_size,
-                          "symmetric": symmetric, "modules_not_converted": list(modules_not_converted or []),
-                          "embeddings": embeddings})
+    return validate_qcfg(
+        {
+            "quant_method": QUANT_METHOD,
+            "scheme": scheme,
+            "group_size": group_size,
+            "symmetric": symmetric,
+            "modules_not_converted": list(modules_not_converted or []),
+            "embeddings": embeddings,
+        }
+    )
 
 
 def _check_scheme(where: str, scheme: Any, group_size: Any, symmetric: bool) -> None:
@@ -301,8 +361,10 @@ def validate_qcfg(qcfg: dict[str, Any]) -> dict[str, Any]:
     if not isinstance(qcfg, dict):
         raise RetortError(f"quantization_config must be a mapping, got {type(qcfg).__name__}")
     if qcfg.get("quant_method") != QUANT_METHOD:
-        raise RetortError(f"quantization_config.quant_method {qcfg.get('quant_method')!r} is not supported "
-                          f"(only {QUANT_METHOD!r} checkpoints)")
+        raise RetortError(
+            f"quantization_config.quant_method {qcfg.get('quant_method')!r} is not supported "
+            f"(only {QUANT_METHOD!r} checkpoints)"
+        )
     scheme = qcfg.get("scheme")
     out = dict(qcfg)
     out["symmetric"] = bool(qcfg.get("symmetric", scheme not in GROUPED))
@@ -312,11 +374,16 @@ def validate_qcfg(qcfg: dict[str, Any]) -> dict[str, Any]:
     emb = qcfg.get("embeddings")
     if emb is not None:
         if not isinstance(emb, dict):
-            raise RetortError(f"quantization_config.embeddings must be a mapping or null, got {type(emb).__name__}")
+            raise RetortError(
+                f"quantization_config.embeddings must be a mapping or null, got {type(emb).__name__}"
+            )
         e_scheme = emb.get("scheme")
-        emb = {"scheme": e_scheme, "symmetric": bool(emb.get("symmetric", e_scheme not in GROUPED)),
-               "group_size": emb.get("group_size") if e_scheme in GROUPED else None,
-               "tied_lm_head": bool(emb.get("tied_lm_head", False))}
+        emb = {
+            "scheme": e_scheme,
+            "symmetric": bool(emb.get("symmetric", e_scheme not in GROUPED)),
+            "group_size": emb.get("group_size") if e_scheme in GROUPED else None,
+            "tied_lm_head": bool(emb.get("tied_lm_head", False)),
+        }
         _check_scheme("quantization_config.embeddings", e_scheme, emb["group_size"], emb["symmetric"])
     out["embeddings"] = emb
     return out
@@ -330,8 +397,11 @@ def _targets(model: nn.Module, patterns: list[str]) -> list[tuple[str, nn.Linear
     found = [(n, m) for n, m in model.named_modules() if isinstance(m, QuantLinear)]
     if found:
         raise RetortError(f"model is already quantized ({found[0][0]} is {type(found[0][1]).__name__})")
-    return [(n, m) for n, m in model.named_modules()
-            if type(m) is nn.Linear and not _excluded(n, patterns) and not (n == "lm_head" and _is_tied(model))]
+    return [
+        (n, m)
+        for n, m in model.named_modules()
+        if type(m) is nn.Linear and not _excluded(n, patterns) and not (n == "lm_head" and _is_tied(model))
+    ]
 
 
 def _set(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -382,7 +452,9 @@ def prepare_for_load(model: nn.Module, qcfg: dict[str, Any]) -> nn.Module:
     cls = MODULES[q["scheme"]]
     for name, lin in _targets(model, q["modules_not_converted"]):
         with torch.device("meta"):
-            mod = cls(lin.in_features, lin.out_features, lin.bias is not None, q["symmetric"], q["group_size"], name)
+            mod = cls(
+                lin.in_features, lin.out_features, lin.bias is not None, q["symmetric"], q["group_size"], name
+            )
         _set(model, name, mod)
     e = q["embeddings"]
     if e is not None:
@@ -391,19 +463,28 @@ def prepare_for_load(model: nn.Module, qcfg: dict[str, Any]) -> nn.Module:
             raise RetortError("quantization_config.embeddings is set but the model has no embed_tokens table")
         name, emb = found
         if e["tied_lm_head"] != _is_tied(model):
-            raise RetortError(f"quantization_config.embeddings.tied_lm_head={e['tied_lm_head']} but the config's "
-                              f"tie_word_embeddings={_is_tied(model)}")
+            raise RetortError(
+                f"quantization_config.embeddings.tied_lm_head={e['tied_lm_head']} but the config's "
+                f"tie_word_embeddings={_is_tied(model)}"
+            )
         with torch.device("meta"):
-            mod = EMBEDDINGS[e["scheme"]](emb.embedding_dim, emb.num_embeddings, False, e["symmetric"],
-                                          e["group_size"], name)
+            mod = EMBEDDINGS[e["scheme"]](
+                emb.embedding_dim, emb.num_embeddings, False, e["symmetric"], e["group_size"], name
+            )
         _set_embedding(model, name, mod)
     model.quantization_config = q
     return model
 
 
 @torch.no_grad()
-def quantize_model(model: nn.Module, scheme: str, group_size: int | None = 128, symmetric: bool | None = None,
-                   modules_not_converted: list[str] | None = None, embeddings: str | None = "auto") -> nn.Module:
+def quantize_model(
+    model: nn.Module,
+    scheme: str,
+    group_size: int | None = 128,
+    symmetric: bool | None = None,
+    modules_not_converted: list[str] | None = None,
+    embeddings: str | None = "auto",
+) -> nn.Module:
     """Round-to-nearest quantize every nn.Linear in place (except excluded / tied ones), and the
     embedding table unless excluded (``embed_tokens`` in ``modules_not_converted``, or ``lm_head`` when
     tied) or ``embeddings=None``. ``embeddings``: "auto" (:func:`embedding_scheme`) or a scheme name.
@@ -421,8 +502,11 @@ def quantize_model(model: nn.Module, scheme: str, group_size: int | None = 128, 
         if embeddings == "auto":
             e = embedding_scheme(q["scheme"], q["group_size"], q["symmetric"])
         else:
-            e = {"scheme": embeddings, "symmetric": embeddings not in GROUPED,
-                 "group_size": (q["group_size"] or 128) if embeddings in GROUPED else None}
+            e = {
+                "scheme": embeddings,
+                "symmetric": embeddings not in GROUPED,
+                "group_size": (q["group_size"] or 128) if embeddings in GROUPED else None,
+            }
         e = validate_qcfg({**q, "embeddings": {**e, "tied_lm_head": _is_tied(model)}})["embeddings"]
     for name, lin in targets:  # validate every layer before touching any
         if q["scheme"] in GROUPED:
@@ -440,8 +524,16 @@ def quantize_model(model: nn.Module, scheme: str, group_size: int | None = 128, 
     return model
 
 
-def from_quantized_weights(lin: nn.Linear, scheme: str, name: str, symmetric: bool, group_size: int | None,
-                           weight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None) -> QuantLinear:
+def from_quantized_weights(
+    lin: nn.Linear,
+    scheme: str,
+    name: str,
+    symmetric: bool,
+    group_size: int | None,
+    weight: torch.Tensor,
+    scale: torch.Tensor,
+    zero: torch.Tensor | None,
+) -> QuantLinear:
     """Build a module from already-quantized tensors (offline transforms such as AWQ/GPTQ)."""
     cls = MODULES[scheme]
     m = cls(lin.in_features, lin.out_features, lin.bias is not None, symmetric, group_size, name)

@@ -35,7 +35,10 @@ GROUP_SIZES = (32, 64, 128)
 
 # ----------------------------------------------------------------------------- primitives
 
-def quantize_int8(w: torch.Tensor, symmetric: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+
+def quantize_int8(
+    w: torch.Tensor, symmetric: bool = True
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """w (N, K) float -> q int8 (N, K), scale fp32 (N,), zero fp32 (N,) | None; W ≈ q*scale + zero."""
     w = w.detach().float()
     if symmetric:
@@ -100,6 +103,7 @@ def quantize_act_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
 
 # ----------------------------------------------------------------------------- kernels
 
+
 @dataclass(frozen=True)
 class Kernel:
     """One way to compute ``x (M, K) @ W.T`` for a scheme; ``run(module, x) -> (M, N)`` float."""
@@ -146,7 +150,8 @@ def _fbgemm_params(m: QuantLinear) -> Any:
     with warnings.catch_warnings():  # quantized tensors are deprecated, but fbgemm's prepack takes one
         warnings.simplefilter("ignore", UserWarning)
         qw = torch.quantize_per_channel(  # exactly the int8 codes: (q * s) / s
-            q.float() * s[:, None], s.double(), torch.zeros(m.out_features, dtype=torch.long), 0, torch.qint8)
+            q.float() * s[:, None], s.double(), torch.zeros(m.out_features, dtype=torch.long), 0, torch.qint8
+        )
     return torch.ops.quantized.linear_prepack(qw, None)
 
 
@@ -157,7 +162,9 @@ def _fbgemm_run(m: QuantLinear, x: torch.Tensor) -> torch.Tensor:
 
 
 def _int_mm_run(m: QuantLinear, x: torch.Tensor) -> torch.Tensor:
-    wt, ws = m.prepared("int_mm", lambda: (lambda q, s: (q.t().contiguous(), s))(*_int8_codes(m)))  # (K, N) int8
+    wt, ws = m.prepared(
+        "int_mm", lambda: (lambda q, s: (q.t().contiguous(), s))(*_int8_codes(m))
+    )  # (K, N) int8
     xq, xs = quantize_act_per_token(x)  # (M, K), (M, 1)
     pad = 17 - xq.shape[0] if xq.is_cuda and xq.shape[0] <= 16 else 0  # cuBLASLt int8 needs M > 16
     if pad > 0:
@@ -216,30 +223,51 @@ def _retort_ops() -> Any:
 def _retort_bind(op: str, key: str) -> Callable[[QuantLinear], Callable[[torch.Tensor], torch.Tensor]]:
     """``int4_f32``: weight-only, fp32 activations, weights dequantized in registers. ``int4_a8``: per-token
     int8 activations (as the reference quantizes them), integer dots per group (VNNI)."""
+
     def bind(m: QuantLinear) -> Callable[[torch.Tensor], torch.Tensor]:
         fn = getattr(_retort_ops(), op)
         w, s, o = m.prepared(key, lambda: _retort_state(m))
         g = m.group_size
         return lambda x: fn(x.float().contiguous(), w, s, o, g)
+
     return bind
 
 
-_retort_f32_bind, _retort_a8_bind = _retort_bind("int4_f32", "retort_int4"), _retort_bind("int4_a8", "retort_int4a8")
+_retort_f32_bind, _retort_a8_bind = (
+    _retort_bind("int4_f32", "retort_int4"),
+    _retort_bind("int4_a8", "retort_int4a8"),
+)
 
 
 DEQUANT = Kernel("dequant", ("cpu", "cuda"), _dequant_run)
 KERNELS: dict[str, dict[str, Kernel]] = {
     "int8": {k.name: k for k in (DEQUANT, Kernel("int8pack", ("cpu", "cuda"), _int8pack_run))},
-    "int4": {k.name: k for k in (DEQUANT, Kernel("int4pack_cpu", ("cpu",), _int4_cpu_run),
-                                 Kernel("retort_int4", ("cpu",), lambda m, x: _retort_f32_bind(m)(x),
-                                        bind=_retort_f32_bind),
-                                 Kernel("int4pack", ("cuda",), _int4_cuda_run, rtol=2e-2))},  # bf16 compute
-    "w8a8": {k.name: k for k in (DEQUANT, Kernel("int_mm", ("cpu", "cuda"), _int_mm_run),
-                                 Kernel("fbgemm", ("cpu",), _fbgemm_run, exact=False, rtol=5e-2))},
-    "w4a8": {k.name: k for k in (DEQUANT, Kernel("retort_int4a8", ("cpu",), lambda m, x: _retort_a8_bind(m)(x),
-                                        bind=_retort_a8_bind),
-                                 Kernel("int_mm", ("cpu", "cuda"), _int_mm_run, exact=False, rtol=3e-2),
-                                 Kernel("fbgemm", ("cpu",), _fbgemm_run, exact=False, rtol=5e-2))},
+    "int4": {
+        k.name: k
+        for k in (
+            DEQUANT,
+            Kernel("int4pack_cpu", ("cpu",), _int4_cpu_run),
+            Kernel("retort_int4", ("cpu",), lambda m, x: _retort_f32_bind(m)(x), bind=_retort_f32_bind),
+            Kernel("int4pack", ("cuda",), _int4_cuda_run, rtol=2e-2),
+        )
+    },  # bf16 compute
+    "w8a8": {
+        k.name: k
+        for k in (
+            DEQUANT,
+            Kernel("int_mm", ("cpu", "cuda"), _int_mm_run),
+            Kernel("fbgemm", ("cpu",), _fbgemm_run, exact=False, rtol=5e-2),
+        )
+    },
+    "w4a8": {
+        k.name: k
+        for k in (
+            DEQUANT,
+            Kernel("retort_int4a8", ("cpu",), lambda m, x: _retort_a8_bind(m)(x), bind=_retort_a8_bind),
+            Kernel("int_mm", ("cpu", "cuda"), _int_mm_run, exact=False, rtol=3e-2),
+            Kernel("fbgemm", ("cpu",), _fbgemm_run, exact=False, rtol=5e-2),
+        )
+    },
 }
 
 

@@ -305,8 +305,13 @@ def train_tokenizer(
     return tok
 
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-                   "chat_template.jinja")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "chat_template.jinja",
+)
 
 
 def copy_tokenizer_files(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> int:

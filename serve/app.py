@@ -52,7 +52,10 @@ def load_serve_config(args: dict[str, Any] | None) -> ServeConfig:
     data: dict[str, Any] = load_yaml(path) if path else {}
     data = deep_merge(data, inline or {})
     overrides: dict[str, Any] = {}
-    for key, value in args.items():  # `serve run ... k=v` gives strings (parsed as YAML); a Serve YAML typed values
+    for (
+        key,
+        value,
+    ) in args.items():  # `serve run ... k=v` gives strings (parsed as YAML); a Serve YAML typed values
         _set_dotted(overrides, key, _coerce(value) if isinstance(value, str) else value)
     data = deep_merge(data, overrides)
     return build(ServeConfig, data, str(path) if path else "build_app args")
@@ -88,7 +91,11 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
     config = cfg.model_dump(mode="json")
     options = model_server_options(cfg)
     if cfg.topology == "collocated":
-        return serve.deployment(Ingress, name=MODEL_SERVER).options(**collocated_options(cfg, options)).bind(None, config)
+        return (
+            serve.deployment(Ingress, name=MODEL_SERVER)
+            .options(**collocated_options(cfg, options))
+            .bind(None, config)
+        )
     routing = router_options(cfg.router, cfg.engine.block_size)  # cache-aware router when configured
     if routing is not None:
         options["request_router_config"] = routing

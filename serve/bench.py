@@ -39,7 +39,9 @@ class Row:
     tok_s: float
     ttft_ms: list[float] = field(default_factory=list)
     tpot_ms: list[float] = field(default_factory=list)
-    cpu_ms_per_token: float = float("nan")  # this process's CPU time per output token (robust to a busy machine)
+    cpu_ms_per_token: float = float(
+        "nan"
+    )  # this process's CPU time per output token (robust to a busy machine)
 
     def pct(self, xs: list[float], q: float) -> float:
         if not xs:
@@ -61,8 +63,12 @@ def prompts_for(n: int, length: int, vocab: int, seed: int) -> list[list[int]]:
 # -- our engine ---------------------------------------------------------------------------------
 def make_engine(model: Transformer, args, max_seqs: int, budget: int, blocks_tokens: int) -> LLMEngine:
     cfg = EngineConfig(
-        device=args.device, dtype=args.dtype, max_num_seqs=max_seqs, max_num_batched_tokens=budget,
-        num_blocks=blocks_tokens // 16 + max_seqs + 8, max_model_len=model.cfg.max_seq_len,
+        device=args.device,
+        dtype=args.dtype,
+        max_num_seqs=max_seqs,
+        max_num_batched_tokens=budget,
+        num_blocks=blocks_tokens // 16 + max_seqs + 8,
+        max_model_len=model.cfg.max_seq_len,
         **({} if args.scheduler_steps is None else {"num_scheduler_steps": args.scheduler_steps}),
     )
     return LLMEngine(model, cfg)
@@ -79,7 +85,10 @@ def workload(n: int, prompt_len: int, out_len: int, vocab: int, seed: int, mixed
     g = torch.Generator().manual_seed(seed)
     plens = torch.randint(max(1, prompt_len // 4), prompt_len * 7 // 4 + 1, (n,), generator=g).tolist()
     olens = torch.randint(max(2, out_len // 4), out_len * 7 // 4 + 1, (n,), generator=g).tolist()
-    return [(torch.randint(0, vocab, (pl,), generator=g).tolist(), ol) for pl, ol in zip(plens, olens, strict=True)]
+    return [
+        (torch.randint(0, vocab, (pl,), generator=g).tolist(), ol)
+        for pl, ol in zip(plens, olens, strict=True)
+    ]
 
 
 def bench_engine(engine: LLMEngine, work: Work, conc: int) -> Row:
@@ -115,7 +124,9 @@ def bench_engine(engine: LLMEngine, work: Work, conc: int) -> Row:
 def decode_step_us(engine: LLMEngine, prompt: list[int], steps: int) -> tuple[float, float]:
     """Wall and CPU time (µs) per output token of a single running sequence in steady decode (with
     multi-step decoding one ``step()`` yields several tokens: the time is per token, not per call)."""
-    engine.add_request("decode-probe", prompt, SamplingParams(max_tokens=steps + 2, temperature=0.0, ignore_eos=True))
+    engine.add_request(
+        "decode-probe", prompt, SamplingParams(max_tokens=steps + 2, temperature=0.0, ignore_eos=True)
+    )
     engine.step()  # prefill
     engine.step()
     n = 0
@@ -151,8 +162,12 @@ def graph_replay_us(engine: LLMEngine, batch: int, ctx: int, reps: int = 200) ->
     with torch.inference_mode():
         engine.runner._graph_decode(seqs)  # fills the graph's inputs for this batch
         saved = g.inputs.clone()
-        graph = g.graphs[(g.batch_sizes[bisect.bisect_left(g.batch_sizes, batch)],
-                          g.block_counts[bisect.bisect_left(g.block_counts, -(-ctx // engine.kv.block_size))])][0]
+        graph = g.graphs[
+            (
+                g.batch_sizes[bisect.bisect_left(g.batch_sizes, batch)],
+                g.block_counts[bisect.bisect_left(g.block_counts, -(-ctx // engine.kv.block_size))],
+            )
+        ][0]
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         for i in range(reps + 10):
             if i == 10:
@@ -217,8 +232,15 @@ def bench_hf(hf, work: Work, conc: int, static: bool, device: torch.device) -> R
 
 
 # -- report -------------------------------------------------------------------------------------
-def matmul_ceiling_tok_s(model: Transformer, conc: int, prompt_len: int, out_len: int, device: torch.device,
-                         dtype: torch.dtype, reps: int = 5) -> float:
+def matmul_ceiling_tok_s(
+    model: Transformer,
+    conc: int,
+    prompt_len: int,
+    out_len: int,
+    device: torch.device,
+    dtype: torch.dtype,
+    reps: int = 5,
+) -> float:
     """Output tok/s of one wave of ``conc`` requests (``prompt_len -> out_len``) if only its matmuls
     cost time: the prefill's ``conc × prompt_len`` rows through each layer's four projections (q/k/v
     and gate/up fused, as the engine runs them), ``conc`` rows through the LM head, then
@@ -230,8 +252,12 @@ def matmul_ceiling_tok_s(model: Transformer, conc: int, prompt_len: int, out_len
     weights = []
     for block in model.model.layers:
         a, m = block.self_attn, block.mlp
-        weights += [torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]), a.o_proj.weight,
-                    torch.cat([m.gate_proj.weight, m.up_proj.weight]), m.down_proj.weight]
+        weights += [
+            torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]),
+            a.o_proj.weight,
+            torch.cat([m.gate_proj.weight, m.up_proj.weight]),
+            m.down_proj.weight,
+        ]
     weights = [w.detach().to(device, dtype).contiguous() for w in weights]
     head = model.lm_head.weight.detach().to(device, dtype)
 
@@ -264,12 +290,16 @@ def matmul_ceiling_tok_s(model: Transformer, conc: int, prompt_len: int, out_len
     return conc * out_len / (run(conc * prompt_len) + (out_len - 1) * run(conc))
 
 
-def hbm_roofline_tok_s(model: Transformer, conc: int, ctx: int, device: torch.device, dtype: torch.dtype) -> float:
+def hbm_roofline_tok_s(
+    model: Transformer, conc: int, ctx: int, device: torch.device, dtype: torch.dtype
+) -> float:
     """Decode tok/s of ``conc`` sequences at context ``ctx`` if every step only read, at this GPU's
     measured copy bandwidth, the bytes it must: every weight but the embedding table, and each
     sequence's K/V. No engine can pass it (prefill, compute and launches only add to it)."""
     cfg = model.cfg
-    weight_bytes = (model.num_params() - model.model.embed_tokens.weight.numel()) * torch.finfo(dtype).bits // 8
+    weight_bytes = (
+        (model.num_params() - model.model.embed_tokens.weight.numel()) * torch.finfo(dtype).bits // 8
+    )
     kv_bytes = conc * ctx * 2 * cfg.n_layers * cfg.n_kv_heads * cfg.dim_head * torch.finfo(dtype).bits // 8
     src = torch.empty(1 << 28, dtype=torch.uint8, device=device)  # 256 MiB, well past L2
     dst = torch.empty_like(src)
@@ -296,8 +326,8 @@ def table(rows: list[Row]) -> str:
         d = base.get(("HF default cache", r.concurrency))
         s = base.get(("HF static cache", r.concurrency))
         lines.append(
-            f"| {r.system} | {r.concurrency} | {r.tok_s:,.0f} | {r.pct(r.ttft_ms, .5):.1f} | {r.pct(r.ttft_ms, .99):.1f} | "
-            f"{r.pct(r.tpot_ms, .5):.2f} | {r.pct(r.tpot_ms, .99):.2f} | "
+            f"| {r.system} | {r.concurrency} | {r.tok_s:,.0f} | {r.pct(r.ttft_ms, 0.5):.1f} | {r.pct(r.ttft_ms, 0.99):.1f} | "
+            f"{r.pct(r.tpot_ms, 0.5):.2f} | {r.pct(r.tpot_ms, 0.99):.2f} | "
             f"{r.tok_s / d if d else float('nan'):.2f} | {r.tok_s / s if s else float('nan'):.2f} | "
             f"{r.cpu_ms_per_token:.2f} | {cpu.get(('HF default cache', r.concurrency), float('nan')) / r.cpu_ms_per_token:.2f} |"
         )
@@ -312,18 +342,32 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--output-len", type=int, default=None, help="default 128 (32 with --quick)")
     ap.add_argument("--concurrency", type=int, nargs="*", default=None, help="default 1 8 64 (+256 on GPU)")
-    ap.add_argument("--waves", type=int, default=None, help="requests per concurrency level = waves × concurrency")
+    ap.add_argument(
+        "--waves", type=int, default=None, help="requests per concurrency level = waves × concurrency"
+    )
     ap.add_argument("--prefix-len", type=int, default=1024)
-    ap.add_argument("--workload", default="fixed", choices=["fixed", "mixed"],
-                    help="fixed: every request prompt-len -> output-len (the anchor's setup); mixed: lengths "
-                    "uniform in [1/4, 7/4] of those (HF pads prompts and runs each batch to its longest output)")
-    ap.add_argument("--scheduler-steps", type=int, default=None,
-                    help="engine num_scheduler_steps (CUDA multi-step greedy decode); default: the config's")
+    ap.add_argument(
+        "--workload",
+        default="fixed",
+        choices=["fixed", "mixed"],
+        help="fixed: every request prompt-len -> output-len (the anchor's setup); mixed: lengths "
+        "uniform in [1/4, 7/4] of those (HF pads prompts and runs each batch to its longest output)",
+    )
+    ap.add_argument(
+        "--scheduler-steps",
+        type=int,
+        default=None,
+        help="engine num_scheduler_steps (CUDA multi-step greedy decode); default: the config's",
+    )
     ap.add_argument("--no-hf", action="store_true", help="skip the transformers baselines")
     ap.add_argument("--no-ceiling", action="store_true", help="skip the matmuls-alone ceiling rows")
     ap.add_argument("--quick", action="store_true", help="fewer/shorter runs (CPU)")
-    ap.add_argument("--threads", type=int, default=None,
-                    help="torch intra-op threads (1 is steadier on a shared, oversubscribed CPU)")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch intra-op threads (1 is steadier on a shared, oversubscribed CPU)",
+    )
     ap.add_argument("--json", default=None, help="also write the results here")
     return ap.parse_args(argv)
 
@@ -343,11 +387,15 @@ def main(argv: list[str] | None = None) -> int:
     mcfg = preset(args.preset, max_seq_len=max(2048, args.prefix_len + 64, 2 * (args.prompt_len + out_len)))
     torch.manual_seed(0)
     model = Transformer(mcfg).init_weights(0)
-    print(f"# serve.bench: preset {args.preset} ({model.num_params() / 1e6:.1f}M params), {args.dtype} on {device}, "
-          f"{args.workload} workload, prompt {args.prompt_len} -> {out_len} tokens (mean), torch threads {torch.get_num_threads()}", flush=True)
+    print(
+        f"# serve.bench: preset {args.preset} ({model.num_params() / 1e6:.1f}M params), {args.dtype} on {device}, "
+        f"{args.workload} workload, prompt {args.prompt_len} -> {out_len} tokens (mean), torch threads {torch.get_num_threads()}",
+        flush=True,
+    )
     rows: list[Row] = []
     log: Callable[[Row], None] = lambda r: print(  # noqa: E731
-        f"  {r.system:18s} c={r.concurrency:<4d} {r.tok_s:10,.1f} tok/s", file=sys.stderr, flush=True)
+        f"  {r.system:18s} c={r.concurrency:<4d} {r.tok_s:10,.1f} tok/s", file=sys.stderr, flush=True
+    )
     tmp = tempfile.TemporaryDirectory()
     hf = None
     if not args.no_hf:
@@ -357,7 +405,9 @@ def main(argv: list[str] | None = None) -> int:
         hf = LlamaForCausalLM.from_pretrained(tmp.name, dtype=dtype).to(device).eval()
         hf.generation_config.eos_token_id = None
     maxc = max(concs)
-    engine = make_engine(model, args, maxc, max(2048, maxc), 2 * maxc * (args.prompt_len + out_len) + 2 * args.prefix_len + 256)
+    engine = make_engine(
+        model, args, maxc, max(2048, maxc), 2 * maxc * (args.prompt_len + out_len) + 2 * args.prefix_len + 256
+    )
     bench_engine(engine, workload(min(4, maxc), args.prompt_len, 4, mcfg.vocab_size, 99, False), 4)  # warm up
     mixed = args.workload == "mixed"
     for c in concs:
@@ -377,36 +427,58 @@ def main(argv: list[str] | None = None) -> int:
     graph_us: dict[int, float] = {}
     print(table(rows))
     print()
-    hf1 = {r.system: r.pct(r.tpot_ms, .5) * 1e3 for r in rows if r.concurrency == 1}
+    hf1 = {r.system: r.pct(r.tpot_ms, 0.5) * 1e3 for r in rows if r.concurrency == 1}
     print("| measure | retort engine | HF default cache (TPOT) | HF static cache (TPOT) | ratio |")
     print("|---|---:|---:|---:|---:|")
     d1 = hf1.get("HF default cache", float("nan"))
-    print(f"| time per output token, batch 1 (µs wall; engine CPU {dec_cpu_us:,.0f}) | {dec_us:,.0f} | {d1:,.0f} "
-          f"| {hf1.get('HF static cache', float('nan')):,.0f} | HF default / engine = {d1 / dec_us:.2f} |")
+    print(
+        f"| time per output token, batch 1 (µs wall; engine CPU {dec_cpu_us:,.0f}) | {dec_us:,.0f} | {d1:,.0f} "
+        f"| {hf1.get('HF static cache', float('nan')):,.0f} | HF default / engine = {d1 / dec_us:.2f} |"
+    )
     for b in (1, 64):
         us = graph_replay_us(engine, b, args.prompt_len + out_len // 2) if device.type == "cuda" else None
         if us is not None:
             graph_us[b] = us
-            print(f"| one decode step's GPU time, batch {b}, context {args.prompt_len + out_len // 2} (µs, CUDA-graph "
-                  f"replay) | {us:,.0f} | | | |")
-    print(f"| TTFT, {args.prefix_len}-token prefix: miss vs hit (ms) | miss {miss:.1f} / hit {hit:.1f} | | | {miss / hit:.1f}× lower on hit |")
+            print(
+                f"| one decode step's GPU time, batch {b}, context {args.prompt_len + out_len // 2} (µs, CUDA-graph "
+                f"replay) | {us:,.0f} | | | |"
+            )
+    print(
+        f"| TTFT, {args.prefix_len}-token prefix: miss vs hit (ms) | miss {miss:.1f} / hit {hit:.1f} | | | {miss / hit:.1f}× lower on hit |"
+    )
     ceilings = {}
     if not args.no_ceiling:
         for c in concs:
             ceilings[c] = matmul_ceiling_tok_s(model, c, args.prompt_len, out_len, device, dtype)
-            d = next((r.tok_s for r in rows if r.system == "HF default cache" and r.concurrency == c), float("nan"))
-            s = next((r.tok_s for r in rows if r.system == "HF static cache" and r.concurrency == c), float("nan"))
-            print(f"| matmuls alone, c={c}: output tok/s (4 a layer + LM head, one call each) | {ceilings[c]:,.0f} "
-                  f"| {d:,.0f} | {s:,.0f} | ceiling / HF default = {ceilings[c] / d:.2f}, / HF static = {ceilings[c] / s:.2f} |")
+            d = next(
+                (r.tok_s for r in rows if r.system == "HF default cache" and r.concurrency == c), float("nan")
+            )
+            s = next(
+                (r.tok_s for r in rows if r.system == "HF static cache" and r.concurrency == c), float("nan")
+            )
+            print(
+                f"| matmuls alone, c={c}: output tok/s (4 a layer + LM head, one call each) | {ceilings[c]:,.0f} "
+                f"| {d:,.0f} | {s:,.0f} | ceiling / HF default = {ceilings[c] / d:.2f}, / HF static = {ceilings[c] / s:.2f} |"
+            )
             if device.type == "cuda":
                 roof = hbm_roofline_tok_s(model, c, args.prompt_len + out_len // 2, device, dtype)
                 ceilings[f"hbm_{c}"] = roof
-                print(f"| HBM roofline, c={c}: decode tok/s at context {args.prompt_len + out_len // 2} (weights + KV read "
-                      f"once a step at copy bandwidth) | {roof:,.0f} | {d:,.0f} | {s:,.0f} | roofline / HF default = "
-                      f"{roof / d:.2f}, / HF static = {roof / s:.2f} |")
+                print(
+                    f"| HBM roofline, c={c}: decode tok/s at context {args.prompt_len + out_len // 2} (weights + KV read "
+                    f"once a step at copy bandwidth) | {roof:,.0f} | {d:,.0f} | {s:,.0f} | roofline / HF default = "
+                    f"{roof / d:.2f}, / HF static = {roof / s:.2f} |"
+                )
     if args.json:
-        res = dict(args=vars(args), rows=[asdict(r) for r in rows], decode_step_us=dec_us, decode_step_cpu_us=dec_cpu_us, graph_replay_us=graph_us, prefix_miss_ms=miss, prefix_hit_ms=hit,
-                   matmul_ceiling_tok_s=ceilings)
+        res = dict(
+            args=vars(args),
+            rows=[asdict(r) for r in rows],
+            decode_step_us=dec_us,
+            decode_step_cpu_us=dec_cpu_us,
+            graph_replay_us=graph_us,
+            prefix_miss_ms=miss,
+            prefix_hit_ms=hit,
+            matmul_ceiling_tok_s=ceilings,
+        )
         with open(args.json, "w") as f:
             json.dump(res, f, indent=1)
     tmp.cleanup()

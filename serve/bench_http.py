@@ -39,8 +39,10 @@ from typing import Any
 from cluster.ray_head import INGRESSES
 
 PROMPT = "def add(a, b):\n    return a + b\n"
-CORPUS = ("The quick brown fox jumps over the lazy dog. def add(a, b): return a + b\n"
-          "class Point: pass. Sphinx of black quartz, judge my vow. 東京 naïve café 🙂\n") * 40
+CORPUS = (
+    "The quick brown fox jumps over the lazy dog. def add(a, b): return a + b\n"
+    "class Point: pass. Sphinx of black quartz, judge my vow. 東京 naïve café 🙂\n"
+) * 40
 WARMUP = 10
 ROUNDS = 5
 FLOOR_GET = "serve floor: constant, GET"
@@ -90,15 +92,25 @@ def bench_direct(model_dir: Path, engine_cfg: Any, n: int, max_tokens: int) -> l
 
 def _paths(base: dict[str, str], max_tokens: int, variant: str) -> dict[str, tuple[str, str, dict | None]]:
     """name -> (method, url, json body) of every HTTP path measured for one variant's apps."""
-    body = {"model": "bench", "prompt": PROMPT, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True}
+    body = {
+        "model": "bench",
+        "prompt": PROMPT,
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "ignore_eos": True,
+    }
     paths: dict[str, tuple[str, str, dict | None]] = {
         f"[{variant}] {FLOOR_GET}": ("GET", base["const"] + "/", None),
-        f"[{variant}] {FLOOR_POST}": ("POST", base["const"] + "/", body)}
+        f"[{variant}] {FLOOR_POST}": ("POST", base["const"] + "/", body),
+    }
     for topo in ("split", "collocated"):
         paths[f"[{variant}] {topo}: GET /health"] = ("GET", base[topo] + "/health", None)
         paths[f"[{variant}] {topo}: completions"] = ("POST", base[topo] + "/v1/completions", body)
-        paths[f"[{variant}] {topo}: completions stream"] = ("POST", base[topo] + "/v1/completions",
-                                                            {**body, "stream": True})
+        paths[f"[{variant}] {topo}: completions stream"] = (
+            "POST",
+            base[topo] + "/v1/completions",
+            {**body, "stream": True},
+        )
     return paths
 
 
@@ -124,16 +136,24 @@ def bench_http(paths: dict[str, tuple[str, str, dict | None]], n: int) -> dict[s
                 _once(c, method, url, body)
         per_round = -(-n // ROUNDS)
         for r in range(ROUNDS):
-            names = list(paths)[r % len(paths):] + list(paths)[: r % len(paths)]  # rotate the order
+            names = list(paths)[r % len(paths) :] + list(paths)[: r % len(paths)]  # rotate the order
             for name in names:
                 method, url, body = paths[name]
-                times[name] += [_once(c, method, url, body) for _ in range(min(per_round, n - len(times[name])))]
+                times[name] += [
+                    _once(c, method, url, body) for _ in range(min(per_round, n - len(times[name])))
+                ]
     return times
 
 
-def measure_http_overhead(n: int = 300, preset: str = "tiny", max_tokens: int = 1, prefix_caching: bool = False,
-                          proxy_grpc: bool = True, variants: dict[str, dict[str, str]] | None = None,
-                          ingresses: tuple[str, ...] = ("proxy",)) -> dict[str, Any]:
+def measure_http_overhead(
+    n: int = 300,
+    preset: str = "tiny",
+    max_tokens: int = 1,
+    prefix_caching: bool = False,
+    proxy_grpc: bool = True,
+    variants: dict[str, dict[str, str]] | None = None,
+    ingresses: tuple[str, ...] = ("proxy",),
+) -> dict[str, Any]:
     """Latencies (seconds) of one completion: direct engine call vs HTTP through Serve, both
     topologies, for each ingress (one Ray head each) and each variant (name -> env vars of its
     replicas; default: ``app``, none). Paths are keyed ``[<ingress> <variant>] <path>``."""
@@ -146,12 +166,21 @@ def measure_http_overhead(n: int = 300, preset: str = "tiny", max_tokens: int = 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         model_dir = publish_random(root, preset)
-        cfg = ServeConfig.model_validate({
-            "model": {"ref": "bench@production"},
-            "engine": {"num_blocks": 256, "max_num_seqs": 8, "max_num_batched_tokens": 256, "dtype": "float32",
-                       "device": "cpu", "enable_prefix_caching": prefix_caching},
-            "registry": {"root": str(root / "registry"), "cache_dir": str(root / "cache")},
-            "replica": {"num_cpus": 0.5, "torch_threads": 1}})
+        cfg = ServeConfig.model_validate(
+            {
+                "model": {"ref": "bench@production"},
+                "engine": {
+                    "num_blocks": 256,
+                    "max_num_seqs": 8,
+                    "max_num_batched_tokens": 256,
+                    "dtype": "float32",
+                    "device": "cpu",
+                    "enable_prefix_caching": prefix_caching,
+                },
+                "registry": {"root": str(root / "registry"), "cache_dir": str(root / "cache")},
+                "replica": {"num_cpus": 0.5, "torch_threads": 1},
+            }
+        )
         torch.set_num_threads(1)  # same as the replicas
         direct = bench_direct(model_dir, cfg.engine, n, max_tokens)
         heads: list[Any] = []
@@ -167,9 +196,18 @@ def measure_http_overhead(n: int = 300, preset: str = "tiny", max_tokens: int = 
             for head in heads:  # its processes (HAProxy, replicas) only; Serve needs no graceful end here
                 stop_head(head)
                 shutil.rmtree(head.temp_dir, ignore_errors=True)
-    return {"n": n, "preset": preset, "max_tokens": max_tokens, "load": (load_before, os.getloadavg()),
-            "cores": os.cpu_count(), "proxy_grpc": proxy_grpc, "variants": variants, "ingresses": list(ingresses),
-            "direct": direct, **http}
+    return {
+        "n": n,
+        "preset": preset,
+        "max_tokens": max_tokens,
+        "load": (load_before, os.getloadavg()),
+        "cores": os.cpu_count(),
+        "proxy_grpc": proxy_grpc,
+        "variants": variants,
+        "ingresses": list(ingresses),
+        "direct": direct,
+        **http,
+    }
 
 
 def _start_head(ingress: str, proxy_grpc: bool) -> Any:
@@ -180,8 +218,15 @@ def _start_head(ingress: str, proxy_grpc: bool) -> Any:
     saved = os.environ.get(PROXY_GRPC_ENV)
     os.environ[PROXY_GRPC_ENV] = "1" if proxy_grpc else "0"  # start_head passes it on to the proxy
     try:
-        return start_head(temp_dir, temp_dir / "auth_token", free_ray_ports(), num_cpus=6,
-                          object_store_memory=256 * 1024**2, log=temp_dir / "ray-start.log", ingress=ingress)
+        return start_head(
+            temp_dir,
+            temp_dir / "auth_token",
+            free_ray_ports(),
+            num_cpus=6,
+            object_store_memory=256 * 1024**2,
+            log=temp_dir / "ray-start.log",
+            ingress=ingress,
+        )
     except BaseException:
         shutil.rmtree(temp_dir, ignore_errors=True)
         raise
@@ -192,8 +237,9 @@ def _start_head(ingress: str, proxy_grpc: bool) -> Any:
             os.environ[PROXY_GRPC_ENV] = saved
 
 
-def _deploy(head: Any, cfg: Any, variants: dict[str, dict[str, str]],
-            max_tokens: int) -> dict[str, tuple[str, str, dict | None]]:
+def _deploy(
+    head: Any, cfg: Any, variants: dict[str, dict[str, str]], max_tokens: int
+) -> dict[str, tuple[str, str, dict | None]]:
     """Serve on ``head`` with the constant app and both topologies of ours for every variant; their paths."""
     import ray
     from ray import serve
@@ -215,7 +261,9 @@ def _deploy(head: Any, cfg: Any, variants: dict[str, dict[str, str]],
                 serve.run(_constant_app(env), name=f"{slug}-const", route_prefix=f"/{slug}-const")
                 for topo in ("split", "collocated"):
                     name = f"{slug}-{topo}"
-                    app_cfg = cfg.model_copy(update={"app_name": name, "route_prefix": f"/{name}", "topology": topo})
+                    app_cfg = cfg.model_copy(
+                        update={"app_name": name, "route_prefix": f"/{name}", "topology": topo}
+                    )
                     app = build_app({"serve_config": app_cfg.model_dump(mode="json")})
                     serve.run(_with_env(app, env), name=name, route_prefix=f"/{name}")
                     base[topo] = f"{url}/{name}"
@@ -265,25 +313,34 @@ def _with_env(app: Any, env: dict[str, str]) -> Any:
     dep = app._bound_deployment
     args = [_with_env(a, env) if hasattr(a, "_bound_deployment") else a for a in dep.init_args]
     return dep.options(ray_actor_options=_actor_options_with_env(dep.ray_actor_options or {}, env)).bind(
-        *args, **dep.init_kwargs)
+        *args, **dep.init_kwargs
+    )
 
 
 def format_table(r: dict[str, Any]) -> str:
     ms = 1000.0
     d50, d99 = _pct(r["direct"], 0.5), _pct(r["direct"], 0.99)
     (b1, b5, b15), (a1, a5, a15) = r["load"]
-    envs = "; ".join(f"[{name}] replicas: " + (" ".join(f"{k}={v}" for k, v in env.items()) or "none")
-                     for name, env in r["variants"].items())
-    hops = {"proxy": f"proxy actor -> replica over {'gRPC' if r['proxy_grpc'] else 'Ray actor calls'} "
-                     f"({PROXY_GRPC_ENV}={int(r['proxy_grpc'])})",
-            "haproxy": "HAProxy -> the replica's own HTTP server (RAY_SERVE_ENABLE_HA_PROXY=1, direct ingress)"}
-    lines = [f"{r['max_tokens']}-token completion, {r['preset']} model, {r['n']} sequential requests per path "
-             f"({ROUNDS} interleaved rounds)",
-             f"load average before {b1:.2f} {b5:.2f} {b15:.2f}, after {a1:.2f} {a5:.2f} {a15:.2f} ({r['cores']} cores)",
-             *(f"[{ingress} ...]: {hops[ingress]}" for ingress in r["ingresses"]), envs, "",
-             f"{'path':<58}{'p50 ms':>9}{'p99 ms':>9}{'p50 x direct':>14}{'p50 - direct':>14}{'p50 - floor':>13}",
-             "-" * 117,
-             f"{'direct engine call (in-process)':<58}{d50 * ms:>9.2f}{d99 * ms:>9.2f}{'1.0x':>14}{'-':>14}{'-':>13}"]
+    envs = "; ".join(
+        f"[{name}] replicas: " + (" ".join(f"{k}={v}" for k, v in env.items()) or "none")
+        for name, env in r["variants"].items()
+    )
+    hops = {
+        "proxy": f"proxy actor -> replica over {'gRPC' if r['proxy_grpc'] else 'Ray actor calls'} "
+        f"({PROXY_GRPC_ENV}={int(r['proxy_grpc'])})",
+        "haproxy": "HAProxy -> the replica's own HTTP server (RAY_SERVE_ENABLE_HA_PROXY=1, direct ingress)",
+    }
+    lines = [
+        f"{r['max_tokens']}-token completion, {r['preset']} model, {r['n']} sequential requests per path "
+        f"({ROUNDS} interleaved rounds)",
+        f"load average before {b1:.2f} {b5:.2f} {b15:.2f}, after {a1:.2f} {a5:.2f} {a15:.2f} ({r['cores']} cores)",
+        *(f"[{ingress} ...]: {hops[ingress]}" for ingress in r["ingresses"]),
+        envs,
+        "",
+        f"{'path':<58}{'p50 ms':>9}{'p99 ms':>9}{'p50 x direct':>14}{'p50 - direct':>14}{'p50 - floor':>13}",
+        "-" * 117,
+        f"{'direct engine call (in-process)':<58}{d50 * ms:>9.2f}{d99 * ms:>9.2f}{'1.0x':>14}{'-':>14}{'-':>13}",
+    ]
     for ingress in r["ingresses"]:
         for variant in r["variants"]:
             tag = f"[{ingress} {variant}] "
@@ -294,13 +351,18 @@ def format_table(r: dict[str, Any]) -> str:
                 p50, p99 = _pct(xs, 0.5), _pct(xs, 0.99)
                 engine = name.endswith(("completions", "completions stream"))
                 floor = floors["POST" if engine or name.endswith(FLOOR_POST) else "GET"]
-                extra = (f"{p50 / d50:>13.1f}x{(p50 - d50) * ms:>14.2f}{(p50 - d50 - floor) * ms:>13.2f}" if engine
-                         else f"{'':>14}{'':>14}{(p50 - floor) * ms:>13.2f}")
+                extra = (
+                    f"{p50 / d50:>13.1f}x{(p50 - d50) * ms:>14.2f}{(p50 - d50 - floor) * ms:>13.2f}"
+                    if engine
+                    else f"{'':>14}{'':>14}{(p50 - floor) * ms:>13.2f}"
+                )
                 lines.append(f"{name:<58}{p50 * ms:>9.2f}{p99 * ms:>9.2f}{extra}")
-    lines += ["-" * 117,
-              "p50 - direct: the HTTP overhead over a direct engine call (goal <= 5 ms). p50 - floor: what is left",
-              "after Serve's own ingress -> replica floor of the same ingress and variant (the constant deployment,",
-              "GET or POST alike), i.e. what the app adds on top of Serve (for completions: on top of floor + direct)."]
+    lines += [
+        "-" * 117,
+        "p50 - direct: the HTTP overhead over a direct engine call (goal <= 5 ms). p50 - floor: what is left",
+        "after Serve's own ingress -> replica floor of the same ingress and variant (the constant deployment,",
+        "GET or POST alike), i.e. what the app adds on top of Serve (for completions: on top of floor + direct).",
+    ]
     return "\n".join(lines)
 
 
@@ -309,12 +371,25 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--requests", type=int, default=300, help="measured requests per path (after 10 warm-up)")
     p.add_argument("--max-tokens", type=int, default=1, help="max_tokens of every request (ignore_eos)")
     p.add_argument("--preset", default="tiny", help="model preset (random weights)")
-    p.add_argument("--proxy-grpc", action=argparse.BooleanOptionalAction, default=True,
-                   help=f"proxy -> replica over gRPC ({PROXY_GRPC_ENV}=1, as `retort up` sets) or Ray actor calls")
-    p.add_argument("--replica-env", action="append", default=[], metavar="KEY=VALUE",
-                   help="also measure every path with this env var on all replicas (repeatable), same run")
-    p.add_argument("--ingress", default="proxy", metavar="LIST",
-                   help=f"comma-separated, one Ray head each, measured in the same run: {', '.join(INGRESSES)}")
+    p.add_argument(
+        "--proxy-grpc",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help=f"proxy -> replica over gRPC ({PROXY_GRPC_ENV}=1, as `retort up` sets) or Ray actor calls",
+    )
+    p.add_argument(
+        "--replica-env",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="also measure every path with this env var on all replicas (repeatable), same run",
+    )
+    p.add_argument(
+        "--ingress",
+        default="proxy",
+        metavar="LIST",
+        help=f"comma-separated, one Ray head each, measured in the same run: {', '.join(INGRESSES)}",
+    )
     args = p.parse_args(argv)
     if args.requests < 1 or args.max_tokens < 1:
         p.error("--requests and --max-tokens must be >= 1")
@@ -328,8 +403,18 @@ def main(argv: list[str] | None = None) -> int:
     variants = {"app": {}}
     if args.replica_env:
         variants["replica env"] = dict(kv.split("=", 1) for kv in args.replica_env)
-    print(format_table(measure_http_overhead(args.requests, args.preset, args.max_tokens,
-                                             proxy_grpc=args.proxy_grpc, variants=variants, ingresses=ingresses)))
+    print(
+        format_table(
+            measure_http_overhead(
+                args.requests,
+                args.preset,
+                args.max_tokens,
+                proxy_grpc=args.proxy_grpc,
+                variants=variants,
+                ingresses=ingresses,
+            )
+        )
+    )
     return 0
 
 

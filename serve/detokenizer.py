@@ -42,7 +42,7 @@ class IncrementalDetokenizer:
             return ""  # mid-character: wait for more bytes
         self.prefix_offset = max(self.read_offset, len(self.ids) - _CONTEXT_TOKENS)
         self.read_offset = len(self.ids)
-        return full[len(prefix):]
+        return full[len(prefix) :]
 
     def flush(self) -> str:
         """At the end: whatever is left, even a partial character (as U+FFFD)."""
@@ -51,7 +51,7 @@ class IncrementalDetokenizer:
         prefix = self.tok.decode(self.ids[self.prefix_offset : self.read_offset])
         full = self.tok.decode(self.ids[self.prefix_offset :])
         self.read_offset = len(self.ids)
-        return full[len(prefix):]
+        return full[len(prefix) :]
 
 
 class StopChecker:

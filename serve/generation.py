@@ -45,8 +45,13 @@ class Delta:
 
 
 def overloaded(retry_after_s: int) -> APIError:
-    return APIError(503, "server is overloaded: too many queued requests; retry later", type="server_error",
-                    code="overloaded", headers={"Retry-After": str(retry_after_s)})
+    return APIError(
+        503,
+        "server is overloaded: too many queued requests; retry later",
+        type="server_error",
+        code="overloaded",
+        headers={"Retry-After": str(retry_after_s)},
+    )
 
 
 def timed_out(limit: float) -> APIError:
@@ -58,8 +63,14 @@ class TextDecoder:
     detokenization, stop strings, logprobs and token counts. Used by the ingress for streamed
     requests and by the model server for non-streamed ones, so both give the same text."""
 
-    def __init__(self, tokenizer: Any, prompt_ids: list[int], stops: list[str] | None, skip_ids: set[int],
-                 top_n: int | None) -> None:
+    def __init__(
+        self,
+        tokenizer: Any,
+        prompt_ids: list[int],
+        stops: list[str] | None,
+        skip_ids: set[int],
+        top_n: int | None,
+    ) -> None:
         self.tok = tokenizer
         self.detok = IncrementalDetokenizer(tokenizer, prompt_ids, skip_ids)
         self.stop = StopChecker(stops)
@@ -89,7 +100,9 @@ class TextDecoder:
             delta.text += self.stop.feed(self.detok.flush())
             delta.text += self.stop.finish()
             reason = out.get("finish_reason")
-            delta.finish_reason = "stop" if self.stop.stopped else ("length" if reason == "length" else "stop")
+            delta.finish_reason = (
+                "stop" if self.stop.stopped else ("length" if reason == "length" else "stop")
+            )
         if not delta.text and not delta.tokens and delta.finish_reason is None:
             return None
         return delta
@@ -105,11 +118,18 @@ class OutputStream(Protocol):
 
 
 class ModelServerClient(Protocol):
-    def stream(self, request_id: str, prompt_ids: list[int], params: dict[str, Any],
-               salt: str | None) -> OutputStream: ...
+    def stream(
+        self, request_id: str, prompt_ids: list[int], params: dict[str, Any], salt: str | None
+    ) -> OutputStream: ...
 
-    async def complete(self, request_id: str, prompt_ids: list[int], params: dict[str, Any], salt: str | None,
-                       decode: dict[str, Any]) -> dict[str, Any]: ...
+    async def complete(
+        self,
+        request_id: str,
+        prompt_ids: list[int],
+        params: dict[str, Any],
+        salt: str | None,
+        decode: dict[str, Any],
+    ) -> dict[str, Any]: ...
 
 
 class _RemoteStream:
@@ -135,12 +155,19 @@ class RemoteServer:
         self.handle = handle
         self._streaming = handle.options(stream=True)
 
-    def stream(self, request_id: str, prompt_ids: list[int], params: dict[str, Any],
-               salt: str | None) -> OutputStream:
+    def stream(
+        self, request_id: str, prompt_ids: list[int], params: dict[str, Any], salt: str | None
+    ) -> OutputStream:
         return _RemoteStream(self._streaming.generate.remote(request_id, prompt_ids, params, salt))
 
-    async def complete(self, request_id: str, prompt_ids: list[int], params: dict[str, Any], salt: str | None,
-                       decode: dict[str, Any]) -> dict[str, Any]:
+    async def complete(
+        self,
+        request_id: str,
+        prompt_ids: list[int],
+        params: dict[str, Any],
+        salt: str | None,
+        decode: dict[str, Any],
+    ) -> dict[str, Any]:
         resp = self.handle.complete.remote(request_id, prompt_ids, params, salt, decode)
         try:
             return await resp
@@ -186,13 +213,20 @@ class LocalServer:
         self._closing.add(task)
         task.add_done_callback(self._closing.discard)
 
-    def stream(self, request_id: str, prompt_ids: list[int], params: dict[str, Any],
-               salt: str | None) -> OutputStream:
+    def stream(
+        self, request_id: str, prompt_ids: list[int], params: dict[str, Any], salt: str | None
+    ) -> OutputStream:
         self.admit()
         return _LocalStream(self.server.generate(request_id, prompt_ids, params, salt), self)
 
-    async def complete(self, request_id: str, prompt_ids: list[int], params: dict[str, Any], salt: str | None,
-                       decode: dict[str, Any]) -> dict[str, Any]:
+    async def complete(
+        self,
+        request_id: str,
+        prompt_ids: list[int],
+        params: dict[str, Any],
+        salt: str | None,
+        decode: dict[str, Any],
+    ) -> dict[str, Any]:
         self.admit()
         try:
             return await self.server.complete(request_id, prompt_ids, params, salt, decode)
@@ -204,9 +238,21 @@ class LocalServer:
 
 
 class Generation:
-    def __init__(self, server: ModelServerClient, tokenizer: Any, prompt_ids: list[int], params: dict[str, Any],
-                 stops: list[str] | None, salt: str | None, *, deadline: float, timeout_s: float,
-                 retry_after_s: int, skip_ids: set[int], logprobs: int | None = None) -> None:
+    def __init__(
+        self,
+        server: ModelServerClient,
+        tokenizer: Any,
+        prompt_ids: list[int],
+        params: dict[str, Any],
+        stops: list[str] | None,
+        salt: str | None,
+        *,
+        deadline: float,
+        timeout_s: float,
+        retry_after_s: int,
+        skip_ids: set[int],
+        logprobs: int | None = None,
+    ) -> None:
         self.server, self.tok = server, tokenizer
         self.prompt_ids, self.params, self.salt = prompt_ids, params, salt
         self.deadline, self.timeout_s, self.retry_after_s = deadline, timeout_s, retry_after_s
@@ -251,13 +297,20 @@ class Generation:
     async def complete(self, request_id: str) -> Delta:
         """Run the request to its end in one model-server call; the replica detokenizes."""
         decode = {"stops": self.stops, "skip_ids": sorted(self.skip_ids), "logprobs": self.top_n}
-        res = await self._call(self.server.complete(request_id, self.prompt_ids, self.params, self.salt, decode))
+        res = await self._call(
+            self.server.complete(request_id, self.prompt_ids, self.params, self.salt, decode)
+        )
         if "error" in res:
             raise APIError(int(res.get("status", 400)), res["error"])
         self.version = res.get("version")
         self.completion_tokens, self.cached_tokens = res["completion_tokens"], res["cached_tokens"]
-        return Delta(res["text"], res["tokens"], res["logprobs"], [[tuple(t) for t in top] for top in res["top_logprobs"]],
-                     res["finish_reason"])
+        return Delta(
+            res["text"],
+            res["tokens"],
+            res["logprobs"],
+            [[tuple(t) for t in top] for top in res["top_logprobs"]],
+            res["finish_reason"],
+        )
 
     # --- streamed: one message per engine step ------------------------------------------------
 
@@ -287,9 +340,14 @@ class Generation:
                     try:
                         out = await self._bounded(self._resp.next())
                     except StopAsyncIteration:
-                        raise APIError(503, "model server ended the stream early", type="server_error") from None
+                        raise APIError(
+                            503, "model server ended the stream early", type="server_error"
+                        ) from None
                 delta = self.decoder.consume(out)
-                self.completion_tokens, self.cached_tokens = self.decoder.completion_tokens, self.decoder.cached_tokens
+                self.completion_tokens, self.cached_tokens = (
+                    self.decoder.completion_tokens,
+                    self.decoder.cached_tokens,
+                )
                 if delta is not None:
                     yield delta
                 if out["finished"] or self.decoder.stopped:

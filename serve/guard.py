@@ -42,7 +42,7 @@ def _header(scope: dict[str, Any], name: bytes) -> str | None:
 def _route(scope: dict[str, Any]) -> str:
     path, root = scope.get("path", ""), scope.get("root_path", "")
     if root and path.startswith(root):
-        path = path[len(root):] or "/"
+        path = path[len(root) :] or "/"
     return path
 
 
@@ -80,7 +80,10 @@ class GuardMiddleware:
             if message["type"] == "http.response.start":
                 status_seen.append(message["status"])
                 if echo:
-                    message = {**message, "headers": [*message.get("headers", []), (b"x-request-id", rid.encode())]}
+                    message = {
+                        **message,
+                        "headers": [*message.get("headers", []), (b"x-request-id", rid.encode())],
+                    }
             await send(message)
 
         try:
@@ -92,21 +95,41 @@ class GuardMiddleware:
         except Exception:  # noqa: BLE001 - last resort: never a 500, never a dead replica
             log.exception("unhandled error on %s %s", scope.get("method"), route)
             if not status_seen:
-                await send_error(send_wrapped, APIError(503, "internal error; retry the request", type="server_error",
-                                                        code="internal_error", headers=_retry(guard)))
+                await send_error(
+                    send_wrapped,
+                    APIError(
+                        503,
+                        "internal error; retry the request",
+                        type="server_error",
+                        code="internal_error",
+                        headers=_retry(guard),
+                    ),
+                )
         finally:
             if guard is not None and guard.responses is not None and status_seen:
-                guard.responses.inc(1, {"model": guard.model, "route": route if route in KNOWN_ROUTES else "other",
-                                        "status": str(status_seen[0])})
+                guard.responses.inc(
+                    1,
+                    {
+                        "model": guard.model,
+                        "route": route if route in KNOWN_ROUTES else "other",
+                        "status": str(status_seen[0]),
+                    },
+                )
 
     @staticmethod
     def _precheck(guard: Guard | None, scope: dict[str, Any], route: str) -> APIError | None:
         if guard is None:
-            return APIError(503, "server is starting", type="server_error", code="not_ready", headers={"Retry-After": "1"})
+            return APIError(
+                503, "server is starting", type="server_error", code="not_ready", headers={"Retry-After": "1"}
+            )
         if route != "/health" and not guard.keys.check(_header(scope, b"authorization")):
-            return APIError(401, "missing or invalid API key (Authorization: Bearer <key>)",
-                            type="authentication_error", code="invalid_api_key",
-                            headers={"WWW-Authenticate": "Bearer"})
+            return APIError(
+                401,
+                "missing or invalid API key (Authorization: Bearer <key>)",
+                type="authentication_error",
+                code="invalid_api_key",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
         length = _header(scope, b"content-length")
         if length is not None:
             if not length.strip().isdigit():
@@ -138,5 +161,3 @@ async def read_body(receive: Any, limit: int) -> bytes:
         chunks.append(chunk)
         if not message.get("more_body", False):
             return b"".join(chunks)
-
-

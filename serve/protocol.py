@@ -22,8 +22,16 @@ MAX_TOKENS_BOUND = 2**31 - 1  # far beyond any context; the context check gives 
 class APIError(Exception):
     """An error that becomes an OpenAI-style JSON response with ``status``."""
 
-    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None, headers: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
         self.headers = headers or {}
@@ -32,8 +40,9 @@ class APIError(Exception):
         return error_body(self.message, self.type, self.param, self.code)
 
 
-def error_body(message: str, type: str = "invalid_request_error", param: str | None = None,
-               code: str | None = None) -> dict[str, Any]:
+def error_body(
+    message: str, type: str = "invalid_request_error", param: str | None = None, code: str | None = None
+) -> dict[str, Any]:
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
 
 
@@ -70,7 +79,9 @@ class _SamplingFields(_Strict):
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     user: str | None = Field(None, max_length=256)
     ignore_eos: bool = False  # vLLM extension
-    cache_salt: str | None = Field(None, min_length=1, max_length=256)  # vLLM extension: per-tenant prefix cache
+    cache_salt: str | None = Field(
+        None, min_length=1, max_length=256
+    )  # vLLM extension: per-tenant prefix cache
 
     @field_validator("stop")
     @classmethod
@@ -167,6 +178,7 @@ class ChatCompletionRequest(_SamplingFields):
 
 def parse_json(raw: bytes) -> Any:
     """Bytes -> JSON value; invalid UTF-8/JSON and NaN/Infinity literals are 400s."""
+
     def reject(name: str) -> Any:
         raise ValueError(f"{name} is not valid JSON")
 
@@ -202,29 +214,46 @@ def new_id(prefix: str) -> str:
 
 
 def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict[str, Any]:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens,
-            "prompt_tokens_details": {"cached_tokens": cached_tokens}}
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": cached_tokens},
+    }
 
 
-def completion_logprobs(tokens: list[str], logprobs: list[float], tops: list[list[tuple[str, float]]],
-                        offset: int) -> dict[str, Any]:
+def completion_logprobs(
+    tokens: list[str], logprobs: list[float], tops: list[list[tuple[str, float]]], offset: int
+) -> dict[str, Any]:
     """OpenAI legacy completions layout (parallel arrays; top_logprobs are dicts keyed by token
     text, so byte-level tokens that render alike collapse into one entry, as in OpenAI's API)."""
     offsets, pos = [], offset
     for t in tokens:
         offsets.append(pos)
         pos += len(t)
-    return {"tokens": tokens, "token_logprobs": [_finite(x) for x in logprobs],
-            "top_logprobs": [{k: _finite(v) for k, v in reversed(top)} for top in tops], "text_offset": offsets}
+    return {
+        "tokens": tokens,
+        "token_logprobs": [_finite(x) for x in logprobs],
+        "top_logprobs": [{k: _finite(v) for k, v in reversed(top)} for top in tops],
+        "text_offset": offsets,
+    }
 
 
-def chat_logprobs(tokens: list[str], logprobs: list[float], tops: list[list[tuple[str, float]]]) -> dict[str, Any]:
+def chat_logprobs(
+    tokens: list[str], logprobs: list[float], tops: list[list[tuple[str, float]]]
+) -> dict[str, Any]:
     content = []
     for t, lp, top in zip(tokens, logprobs, tops, strict=True):
-        content.append({"token": t, "logprob": _finite(lp), "bytes": list(t.encode("utf-8")),
-                        "top_logprobs": [{"token": k, "logprob": _finite(v), "bytes": list(k.encode("utf-8"))}
-                                         for k, v in top]})
+        content.append(
+            {
+                "token": t,
+                "logprob": _finite(lp),
+                "bytes": list(t.encode("utf-8")),
+                "top_logprobs": [
+                    {"token": k, "logprob": _finite(v), "bytes": list(k.encode("utf-8"))} for k, v in top
+                ],
+            }
+        )
     return {"content": content}
 
 
@@ -233,15 +262,29 @@ def _finite(x: float) -> float:
     return x if math.isfinite(x) else -9999.0
 
 
-def completion_body(rid: str, model: str, choices: list[dict], use: dict | None, chunk: bool) -> dict[str, Any]:
-    return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model,
-            "choices": choices, **({"usage": use} if use is not None or not chunk else {})}
+def completion_body(
+    rid: str, model: str, choices: list[dict], use: dict | None, chunk: bool
+) -> dict[str, Any]:
+    return {
+        "id": rid,
+        "object": "text_completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": choices,
+        **({"usage": use} if use is not None or not chunk else {}),
+    }
 
 
 def chat_body(rid: str, model: str, choices: list[dict], use: dict | None, chunk: bool) -> dict[str, Any]:
     obj = "chat.completion.chunk" if chunk else "chat.completion"
-    return {"id": rid, "object": obj, "created": int(time.time()), "model": model,
-            "choices": choices, **({"usage": use} if use is not None or not chunk else {})}
+    return {
+        "id": rid,
+        "object": obj,
+        "created": int(time.time()),
+        "model": model,
+        "choices": choices,
+        **({"usage": use} if use is not None or not chunk else {}),
+    }
 
 
 def sse(data: dict[str, Any] | str) -> bytes:

@@ -135,7 +135,10 @@ def router_options(policy: RouterConfig, block_size: int) -> dict[str, Any] | No
 def prompt_of(pending_request: Any) -> tuple[list[int], str | None] | None:
     """(prompt token ids, salt) of a ``ModelServer.generate|complete(request_id, prompt_token_ids, params,
     salt, ...)`` call; None for anything else."""
-    if pending_request is None or getattr(pending_request.metadata, "call_method", "") not in ("generate", "complete"):
+    if pending_request is None or getattr(pending_request.metadata, "call_method", "") not in (
+        "generate",
+        "complete",
+    ):
         return None
     args, kwargs = list(pending_request.args or []), pending_request.kwargs or {}
     tokens = args[1] if len(args) > 1 else kwargs.get("prompt_token_ids")

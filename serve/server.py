@@ -36,7 +36,9 @@ from serve.generation import Delta, TextDecoder
 log = logging.getLogger("retort.serve")
 
 GAUGE_REFRESH_S = 2.0  # idle replicas re-set their gauges this often
-INLINE_STEP_S = 0.002  # steps expected to be shorter than this run on the event loop (0: always in the thread)
+INLINE_STEP_S = (
+    0.002  # steps expected to be shorter than this run on the event loop (0: always in the thread)
+)
 INLINE_MAX_NEW_TOKENS = 64  # ... unless prompts with more tokens than this were just added (a long prefill)
 STEP_EMA = 0.2  # weight of the newest step in the moving average of step times
 
@@ -65,11 +67,20 @@ class ServingMetrics:
         tags = {"model": model, "replica": replica}
         self.ttft, self.tpot, self.itl = M.make(M.TTFT, tags), M.make(M.TPOT, tags), M.make(M.ITL, tags)
         self.e2e, self.queue_time = M.make(M.E2E, tags), M.make(M.QUEUE_TIME, tags)
-        self.prompt_tokens, self.generation_tokens = M.make(M.PROMPT_TOKENS, tags), M.make(M.GENERATION_TOKENS, tags)
-        self.running, self.waiting, self.kv_usage = M.make(M.RUNNING, tags), M.make(M.WAITING, tags), M.make(M.KV_USAGE, tags)
+        self.prompt_tokens, self.generation_tokens = (
+            M.make(M.PROMPT_TOKENS, tags),
+            M.make(M.GENERATION_TOKENS, tags),
+        )
+        self.running, self.waiting, self.kv_usage = (
+            M.make(M.RUNNING, tags),
+            M.make(M.WAITING, tags),
+            M.make(M.KV_USAGE, tags),
+        )
         self.prefix_queries, self.prefix_hits = M.make(M.PREFIX_QUERIES, tags), M.make(M.PREFIX_HITS, tags)
         self.preemptions = M.make(M.PREEMPTIONS, tags)
-        self.deployed: tuple[Any, float] | None = None  # (DEPLOYED_VERSION gauge, value), re-set with the others
+        self.deployed: tuple[Any, float] | None = (
+            None  # (DEPLOYED_VERSION gauge, value), re-set with the others
+        )
         self._last: dict[str, float] = {"prefix_queries": 0, "prefix_hits": 0, "num_preemptions": 0}
 
     def engine_stats(self, stats: Any) -> None:
@@ -78,8 +89,11 @@ class ServingMetrics:
         self.running.set(stats.num_running)
         self.waiting.set(stats.num_waiting)
         self.kv_usage.set(float(stats.kv_usage))
-        for attr, metric in (("prefix_queries", self.prefix_queries), ("prefix_hits", self.prefix_hits),
-                             ("num_preemptions", self.preemptions)):
+        for attr, metric in (
+            ("prefix_queries", self.prefix_queries),
+            ("prefix_hits", self.prefix_hits),
+            ("num_preemptions", self.preemptions),
+        ):
             value = float(getattr(stats, attr))
             if value > self._last[attr]:
                 metric.inc(value - self._last[attr])
@@ -102,7 +116,9 @@ class _Stream:
 class EngineDriver:
     """Runs ``engine.step()`` in a loop; per-request queues; abort on cancellation."""
 
-    def __init__(self, engine: Any, metrics: ServingMetrics | None = None, inline_step_s: float = INLINE_STEP_S) -> None:
+    def __init__(
+        self, engine: Any, metrics: ServingMetrics | None = None, inline_step_s: float = INLINE_STEP_S
+    ) -> None:
         self.engine = engine
         self.inline_step_s = inline_step_s
         self.step_time: float | None = None  # moving average of step() wall time (s); None until measured
@@ -128,8 +144,9 @@ class EngineDriver:
     def healthy(self) -> bool:
         return self.error is None and (self._task is None or not self._task.done())
 
-    async def generate(self, request_id: str, prompt_token_ids: list[int], params: Any,
-                       salt: str | None = None) -> AsyncIterator[Any]:
+    async def generate(
+        self, request_id: str, prompt_token_ids: list[int], params: Any, salt: str | None = None
+    ) -> AsyncIterator[Any]:
         """Yield ``RequestOutput``s until finished; the engine's EngineInputError propagates."""
         if self.error is not None:
             raise RuntimeError(f"engine failed earlier: {self.error}")
@@ -137,7 +154,9 @@ class EngineDriver:
             raise ValueError(f"duplicate request id {request_id!r}")
         self._ensure_loop()
         loop = asyncio.get_running_loop()
-        stream = _Stream(asyncio.Queue(), time.monotonic(), len(prompt_token_ids), accepted=loop.create_future())
+        stream = _Stream(
+            asyncio.Queue(), time.monotonic(), len(prompt_token_ids), accepted=loop.create_future()
+        )
         self._streams[request_id] = stream
         self._adds.append((request_id, prompt_token_ids, params, salt))
         self._wake.set()
@@ -173,7 +192,9 @@ class EngineDriver:
                 else:
                     outputs, took = await loop.run_in_executor(self._executor, self._timed_step)
                 self._new_tokens = 0
-                self.step_time = took if self.step_time is None else STEP_EMA * took + (1 - STEP_EMA) * self.step_time
+                self.step_time = (
+                    took if self.step_time is None else STEP_EMA * took + (1 - STEP_EMA) * self.step_time
+                )
                 self._dispatch(outputs)
                 if self.metrics is not None:
                     self.metrics.engine_stats(self.engine.stats())
@@ -189,8 +210,11 @@ class EngineDriver:
                 s.queue.put_nowait(RuntimeError(f"engine failed: {e}"))
 
     def _inline(self) -> bool:
-        return (self.step_time is not None and self.step_time < self.inline_step_s
-                and self._new_tokens <= INLINE_MAX_NEW_TOKENS)
+        return (
+            self.step_time is not None
+            and self.step_time < self.inline_step_s
+            and self._new_tokens <= INLINE_MAX_NEW_TOKENS
+        )
 
     def _timed_step(self) -> tuple[list[Any], float]:
         t0 = time.perf_counter()
@@ -265,9 +289,19 @@ class EngineDriver:
 
     def stats(self) -> dict[str, Any]:
         st = self.engine.stats()
-        out = {k: v for k, v in vars(st).items() if isinstance(v, (int, float, str, bool))} if hasattr(st, "__dict__") else {}
-        out.update(num_aborted=self.num_aborted, num_finished=self.num_finished, num_streams=len(self._streams),
-                   num_inline_steps=self.num_inline_steps, step_time_s=self.step_time, healthy=self.healthy)
+        out = (
+            {k: v for k, v in vars(st).items() if isinstance(v, (int, float, str, bool))}
+            if hasattr(st, "__dict__")
+            else {}
+        )
+        out.update(
+            num_aborted=self.num_aborted,
+            num_finished=self.num_finished,
+            num_streams=len(self._streams),
+            num_inline_steps=self.num_inline_steps,
+            step_time_s=self.step_time,
+            healthy=self.healthy,
+        )
         return out
 
     async def close(self) -> None:
@@ -281,9 +315,14 @@ def _input_error(e: ValueError) -> dict[str, Any]:
 
 
 def _output_dict(out: Any) -> dict[str, Any]:
-    return {"token_ids": list(out.new_token_ids), "logprobs": out.new_logprobs, "finished": out.finished,
-            "finish_reason": out.finish_reason, "num_prompt_tokens": out.num_prompt_tokens,
-            "num_cached_tokens": out.num_cached_tokens}
+    return {
+        "token_ids": list(out.new_token_ids),
+        "logprobs": out.new_logprobs,
+        "finished": out.finished,
+        "finish_reason": out.finish_reason,
+        "num_prompt_tokens": out.num_prompt_tokens,
+        "num_cached_tokens": out.num_cached_tokens,
+    }
 
 
 class ModelServer:
@@ -305,24 +344,35 @@ class ModelServer:
         engine = LLMEngine.from_pretrained(self.model.dir, cfg.engine, kv_connector=self.kv_connector)
         replica = _replica_id()
         self.metrics = ServingMetrics(cfg.model.public_name, replica)
-        version = M.make(M.DEPLOYED_VERSION, {"model": cfg.model.public_name, "app": cfg.app_name,
-                                               "ref": cfg.model.ref})
+        version = M.make(
+            M.DEPLOYED_VERSION, {"model": cfg.model.public_name, "app": cfg.app_name, "ref": cfg.model.ref}
+        )
         version.set(float(self.model.version or 0))
         self.metrics.deployed = (version, float(self.model.version or 0))
         self.driver = EngineDriver(engine, self.metrics)
         from cluster.tokenizer import load_tokenizer
 
-        self.tokenizer = load_tokenizer(cfg.model.tokenizer or self.model.dir)  # for ``complete``'s detokenization
-        log.info("replica %s serves %s (version %s) from %s", replica, cfg.model.ref, self.model.version, self.model.dir)
+        self.tokenizer = load_tokenizer(
+            cfg.model.tokenizer or self.model.dir
+        )  # for ``complete``'s detokenization
+        log.info(
+            "replica %s serves %s (version %s) from %s",
+            replica,
+            cfg.model.ref,
+            self.model.version,
+            self.model.dir,
+        )
 
-    def _start(self, request_id: str, prompt_token_ids: list[int], params: dict[str, Any],
-               salt: str | None) -> AsyncIterator[Any]:
+    def _start(
+        self, request_id: str, prompt_token_ids: list[int], params: dict[str, Any], salt: str | None
+    ) -> AsyncIterator[Any]:
         from serve.engine import SamplingParams
 
         return self.driver.generate(request_id, prompt_token_ids, SamplingParams(**params), salt)
 
-    async def generate(self, request_id: str, prompt_token_ids: list[int], params: dict[str, Any],
-                       salt: str | None = None) -> AsyncIterator[dict[str, Any]]:
+    async def generate(
+        self, request_id: str, prompt_token_ids: list[int], params: dict[str, Any], salt: str | None = None
+    ) -> AsyncIterator[dict[str, Any]]:
         try:
             gen = self._start(request_id, prompt_token_ids, params, salt)
             first = await gen.__anext__()
@@ -332,20 +382,35 @@ class ModelServer:
             yield _input_error(e)
             return
         try:
-            yield {"accepted": True, "version": self.model.version, **_output_dict(first)}  # one message, one hop
+            yield {
+                "accepted": True,
+                "version": self.model.version,
+                **_output_dict(first),
+            }  # one message, one hop
             async for out in gen:
                 yield _output_dict(out)
         finally:
             await gen.aclose()  # cancelled or closed early: the driver aborts the engine request
 
-    async def complete(self, request_id: str, prompt_token_ids: list[int], params: dict[str, Any],
-                       salt: str | None = None, decode: dict[str, Any] | None = None) -> dict[str, Any]:
+    async def complete(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: dict[str, Any],
+        salt: str | None = None,
+        decode: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
         """A whole non-streamed request: generate, detokenize, cut at stop strings, answer once.
         ``decode``: ``stops``, ``skip_ids`` and ``logprobs`` (top n, or None) as the ingress sets them.
         Same argument order as ``generate`` (the cache-aware router reads ids and salt from it)."""
         decode = decode or {}
-        decoder = TextDecoder(self.tokenizer, prompt_token_ids, decode.get("stops"), set(decode.get("skip_ids") or ()),
-                              decode.get("logprobs"))
+        decoder = TextDecoder(
+            self.tokenizer,
+            prompt_token_ids,
+            decode.get("stops"),
+            set(decode.get("skip_ids") or ()),
+            decode.get("logprobs"),
+        )
         try:
             gen = self._start(request_id, prompt_token_ids, params, salt)
             out = await gen.__anext__()
@@ -364,13 +429,25 @@ class ModelServer:
                 out = await gen.__anext__()
         finally:
             await gen.aclose()  # a stop string (or cancellation) ends it early: abort in the engine
-        return {"version": self.model.version, "text": total.text, "tokens": total.tokens, "logprobs": total.logprobs,
-                "top_logprobs": total.top_logprobs, "finish_reason": total.finish_reason,
-                "completion_tokens": decoder.completion_tokens, "cached_tokens": decoder.cached_tokens}
+        return {
+            "version": self.model.version,
+            "text": total.text,
+            "tokens": total.tokens,
+            "logprobs": total.logprobs,
+            "top_logprobs": total.top_logprobs,
+            "finish_reason": total.finish_reason,
+            "completion_tokens": decoder.completion_tokens,
+            "cached_tokens": decoder.cached_tokens,
+        }
 
     def info(self) -> dict[str, Any]:
-        return {"ref": self.model.ref, "name": self.model.name, "version": self.model.version,
-                "dir": str(self.model.dir), "replica": _replica_id()}
+        return {
+            "ref": self.model.ref,
+            "name": self.model.name,
+            "version": self.model.version,
+            "dir": str(self.model.dir),
+            "replica": _replica_id(),
+        }
 
     def stats(self) -> dict[str, Any]:
         kv = {"kv_connector": self.kv_connector.stats.as_dict()} if self.kv_connector is not None else {}

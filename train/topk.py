@@ -74,7 +74,12 @@ class TopKCacheInfo:
 
 
 def cache_fingerprint(
-    teacher_sha: str, data_fingerprint: str, seq_len: int, k: int, vocab_size: int, n_windows: int,
+    teacher_sha: str,
+    data_fingerprint: str,
+    seq_len: int,
+    k: int,
+    vocab_size: int,
+    n_windows: int,
     bf16: bool = False,
 ) -> str:
     key = dict(format=FORMAT, teacher=teacher_sha, data=data_fingerprint, seq_len=seq_len, k=k,
@@ -293,7 +298,9 @@ def build_topk_cache(
             for b0 in range(0, n, batch_size):
                 w = np.arange(s0 + b0, s0 + min(b0 + batch_size, n))  # (B,) window ids
                 x = np.asarray(tokens[w[:, None] * seq_len + offsets])  # (B, L)
-                ids[b0 : b0 + len(w)], lps[b0 : b0 + len(w)] = _topk_batch(model, x, k, vocab_size, device, bf16)
+                ids[b0 : b0 + len(w)], lps[b0 : b0 + len(w)] = _topk_batch(
+                    model, x, k, vocab_size, device, bf16
+                )
                 if bar is not None:
                     bar.update(len(w) * seq_len)
             shards.append(_write_shard(tmp / f"shard-{len(shards):05d}.safetensors", ids, lps))
@@ -316,7 +323,16 @@ def build_topk_cache(
     n_tok = n_windows * seq_len
     size = _size(out)
     return TopKCacheInfo(
-        str(out), fp, n_windows, seq_len, k, n_tok, size, size / n_tok, seconds, n_tok / seconds,
+        str(out),
+        fp,
+        n_windows,
+        seq_len,
+        k,
+        n_tok,
+        size,
+        size / n_tok,
+        seconds,
+        n_tok / seconds,
         cpu_seconds=cpu_seconds,
     )
 

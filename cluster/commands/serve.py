@@ -25,11 +25,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     actions = p.add_subparsers(dest="serve_action", metavar="ACTION")
     p.set_defaults(handler=lambda a: (p.print_help(), 2)[1])
 
-    d = actions.add_parser("deploy", help="deploy (or roll over) the app: waits until RUNNING, prints the URL")
+    d = actions.add_parser(
+        "deploy", help="deploy (or roll over) the app: waits until RUNNING, prints the URL"
+    )
     d.add_argument("-c", "--config", required=True, help="serve config (configs/serve/<preset>.yaml)")
     d.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
     d.add_argument("--address", default=None, help="Ray dashboard URL (default: the cluster of `retort up`)")
-    d.add_argument("--print-config", action="store_true", help="print the Serve deploy config (YAML) and exit")
+    d.add_argument(
+        "--print-config", action="store_true", help="print the Serve deploy config (YAML) and exit"
+    )
     d.add_argument("--no-wait", action="store_true", help="return once the config is accepted")
     d.set_defaults(handler=deploy)
 
@@ -60,7 +64,9 @@ def load_pinned(config: str, overrides: list[str]):
     # (RETORT_REGISTRY or config) into the app's arguments, as the version is pinned below
     cfg.registry.root = reg.root
     if cfg.model.tokenizer is None and "tokenizer.json" not in reg.manifest(ref).get("files", {}):
-        raise RetortError(f"{ref} has no tokenizer.json; publish the model with its tokenizer or set model.tokenizer")
+        raise RetortError(
+            f"{ref} has no tokenizer.json; publish the model with its tokenizer or set model.tokenizer"
+        )
     if cfg.model.served_name is None:
         cfg.model.served_name = cfg.model.public_name
     if str(ref) != cfg.model.ref:
@@ -70,14 +76,21 @@ def load_pinned(config: str, overrides: list[str]):
 
 
 def app_entry(cfg) -> dict[str, Any]:
-    return {"name": cfg.app_name, "route_prefix": cfg.route_prefix, "import_path": IMPORT_PATH,
-            "args": {"serve_config": cfg.model_dump(mode="json")}}
+    return {
+        "name": cfg.app_name,
+        "route_prefix": cfg.route_prefix,
+        "import_path": IMPORT_PATH,
+        "args": {"serve_config": cfg.model_dump(mode="json")},
+    }
 
 
 def deploy_config(cfg, others: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     """A Ray Serve config file (``serve deploy`` schema) with this app plus ``others``."""
-    return {"proxy_location": "EveryNode", "http_options": {"host": cfg.http.host, "port": cfg.http.port},
-            "applications": [*(others or []), app_entry(cfg)]}
+    return {
+        "proxy_location": "EveryNode",
+        "http_options": {"host": cfg.http.host, "port": cfg.http.port},
+        "applications": [*(others or []), app_entry(cfg)],
+    }
 
 
 # --- talking to the cluster ---------------------------------------------------------------------------
@@ -156,15 +169,23 @@ def wait_running(client, name: str, args: dict[str, Any], timeout_s: float) -> N
         app = (client.get_serve_details().get("applications") or {}).get(name) or {}
         st = app.get("status", "")
         ours = (app.get("deployed_app_config") or {}).get("args") == args
-        if ours and st == "RUNNING" and all(d.get("status") == "HEALTHY" for d in app.get("deployments", {}).values()):
+        if (
+            ours
+            and st == "RUNNING"
+            and all(d.get("status") == "HEALTHY" for d in app.get("deployments", {}).values())
+        ):
             return
         if ours and st == "DEPLOY_FAILED":
-            raise JobFailed(f"app {name} failed to deploy: {failure_reason(app)} (details: retort serve status)")
+            raise JobFailed(
+                f"app {name} failed to deploy: {failure_reason(app)} (details: retort serve status)"
+            )
         if st != last:
             print(f"  {name}: {st or 'pending'}", flush=True)
             last = st
         time.sleep(1.0)
-    raise JobFailed(f"app {name} not RUNNING after {timeout_s:g} s (last status {last or 'unknown'}); see `retort serve status`")
+    raise JobFailed(
+        f"app {name} not RUNNING after {timeout_s:g} s (last status {last or 'unknown'}); see `retort serve status`"
+    )
 
 
 def status(args: argparse.Namespace) -> int:
@@ -176,7 +197,9 @@ def status(args: argparse.Namespace) -> int:
         return 0
     for name, app in apps.items():
         prefix = app.get("route_prefix") or ""
-        print(f"{name}: {app.get('status')}  http://{http.get('host')}:{http.get('port')}{'' if prefix == '/' else prefix}")
+        print(
+            f"{name}: {app.get('status')}  http://{http.get('host')}:{http.get('port')}{'' if prefix == '/' else prefix}"
+        )
         serve_cfg = ((app.get("deployed_app_config") or {}).get("args") or {}).get("serve_config") or {}
         if serve_cfg:
             print(f"  model {serve_cfg.get('model', {}).get('ref')}")
@@ -204,8 +227,9 @@ def shutdown(args: argparse.Namespace) -> int:
         return 0
     others = _other_apps(details, name)
     if others:
-        client.deploy_applications({**{k: details[k] for k in ("proxy_location",) if k in details},
-                                    "applications": others})
+        client.deploy_applications(
+            {**{k: details[k] for k in ("proxy_location",) if k in details}, "applications": others}
+        )
     else:
         client.delete_applications()
     deadline = time.monotonic() + 120

@@ -21,8 +21,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         "to the registry with lineage and metrics.",
     )
     add_job_args(p)
-    p.add_argument("--topk", action="store_true",
-                   help="build the teacher's top-k cache (python -m train.topk) instead; last stdout line: its directory")
+    p.add_argument(
+        "--topk",
+        action="store_true",
+        help="build the teacher's top-k cache (python -m train.topk) instead; last stdout line: its directory",
+    )
     p.set_defaults(handler=run)
 
 

@@ -8,4 +8,12 @@ Every schema module imports only pydantic.
 from cluster.config.base import StrictModel, load_config, load_yaml, parse_overrides
 from cluster.config.kinds import KINDS, schema_for, validate_file
 
-__all__ = ["KINDS", "StrictModel", "load_config", "load_yaml", "parse_overrides", "schema_for", "validate_file"]
+__all__ = [
+    "KINDS",
+    "StrictModel",
+    "load_config",
+    "load_yaml",
+    "parse_overrides",
+    "schema_for",
+    "validate_file",
+]

@@ -28,7 +28,9 @@ class PruneConfig(StrictModel):
         "and a smaller config).",
     )
     sparsity: float = Field(
-        0.5, gt=0, lt=1,
+        0.5,
+        gt=0,
+        lt=1,
         description="Fraction removed: of the weights (magnitude), of the MLP channels (structured); "
         "fixed at 0.5 for 2:4.",
     )
@@ -36,7 +38,9 @@ class PruneConfig(StrictModel):
         "global", description="magnitude: one threshold over all linear layers, or the same fraction in each."
     )
     head_sparsity: float = Field(
-        0.0, ge=0, lt=1,
+        0.0,
+        ge=0,
+        lt=1,
         description="structured: fraction of query heads removed in every layer (uniformly per KV group, "
         "so every layer keeps the same shape and the config stays valid).",
     )
@@ -48,16 +52,21 @@ class PruneConfig(StrictModel):
 
 class QuantSettings(StrictModel):
     scheme: Literal["int8", "int4", "w8a8", "w4a8"] = Field(
-        "int8", description="int8 weight-only, int4 weight-only (group-wise), w8a8 (dynamic int8 activations), "
-        "or w4a8 (int4 group-wise storage computed with int8 kernels and dynamic int8 activations)."
+        "int8",
+        description="int8 weight-only, int4 weight-only (group-wise), w8a8 (dynamic int8 activations), "
+        "or w4a8 (int4 group-wise storage computed with int8 kernels and dynamic int8 activations).",
     )
-    group_size: int = Field(128, description=f"int4/w4a8 group size along the input dimension, one of {GROUP_SIZES}.")
+    group_size: int = Field(
+        128, description=f"int4/w4a8 group size along the input dimension, one of {GROUP_SIZES}."
+    )
     symmetric: bool | None = Field(
-        None, description="Symmetric quantization (no zero offset); default: true for int8/w8a8, false for int4/w4a8."
+        None,
+        description="Symmetric quantization (no zero offset); default: true for int8/w8a8, false for int4/w4a8.",
     )
     calibration: Literal["rtn", "awq"] = Field(
-        "rtn", description="rtn: round to nearest; awq: activation-aware per-channel scaling searched on "
-        "calibration batches, then round to nearest."
+        "rtn",
+        description="rtn: round to nearest; awq: activation-aware per-channel scaling searched on "
+        "calibration batches, then round to nearest.",
     )
     awq_grid: int = Field(20, ge=2, le=100, description="awq: points of the scaling-exponent grid in [0, 1].")
     modules_not_converted: list[str] = Field(
@@ -90,7 +99,9 @@ class GateConfig(StrictModel):
 
 
 class VariantConfig(StrictModel):
-    name: str = Field(..., pattern=r"^[a-z0-9][a-z0-9_.-]*$", description="Variant name (suffix of the published name).")
+    name: str = Field(
+        ..., pattern=r"^[a-z0-9][a-z0-9_.-]*$", description="Variant name (suffix of the published name)."
+    )
     prune: PruneConfig | None = Field(None, description="Pruning step (before quantization), or none.")
     quant: QuantSettings | None = Field(None, description="Quantization step, or none.")
     gate: GateConfig | None = Field(None, description="This variant's gate; default: the job's gate.")
@@ -107,14 +118,21 @@ class EvalConfig(StrictModel):
     seq_len: int = Field(128, ge=8, description="Context length of the held-out perplexity.")
     stride: int = Field(128, ge=1, description="Sliding-window stride (<= seq_len); seq_len = plain chunks.")
     batch_size: int = Field(8, ge=1, description="Windows per forward pass.")
-    max_tokens: int | None = Field(32768, ge=2, description="Evaluate on at most this many val tokens (None = all).")
+    max_tokens: int | None = Field(
+        32768, ge=2, description="Evaluate on at most this many val tokens (None = all)."
+    )
     calib_tokens: int = Field(8192, ge=64, description="Calibration tokens (from the train split) for awq.")
     decode_prompt: int = Field(16, ge=1, description="Prompt tokens before timing decode.")
     decode_tokens: int = Field(32, ge=2, description="Generated tokens timed per decode measurement.")
-    decode_batches: list[int] = Field([1, 16], min_length=1, description="Batch sizes at which decode tok/s is measured.")
-    threads: int | None = Field(None, ge=1, description="torch threads for timing (default: torch's default).")
+    decode_batches: list[int] = Field(
+        [1, 16], min_length=1, description="Batch sizes at which decode tok/s is measured."
+    )
+    threads: int | None = Field(
+        None, ge=1, description="torch threads for timing (default: torch's default)."
+    )
     isolate: bool = Field(
-        True, description="Measure decode speed and peak RAM in a fresh subprocess per model (false: in this "
+        True,
+        description="Measure decode speed and peak RAM in a fresh subprocess per model (false: in this "
         "process; faster, but peak RAM is then the job's).",
     )
 
@@ -152,8 +170,18 @@ def recovers(v: VariantConfig) -> bool:
     return v.prune is not None and v.prune.method == "structured"
 
 
-RESERVED_DISTILL = ("data", "teacher", "student", "student_preset", "student_init", "registry", "publish",
-                    "publish_name", "publish_alias", "run_dir")
+RESERVED_DISTILL = (
+    "data",
+    "teacher",
+    "student",
+    "student_preset",
+    "student_init",
+    "registry",
+    "publish",
+    "publish_name",
+    "publish_alias",
+    "run_dir",
+)
 
 
 class CompressConfig(StrictModel):
@@ -161,9 +189,13 @@ class CompressConfig(StrictModel):
         "student@latest",
         description="The model to compress: a registry ref (name@alias, name:VERSION, name) or a checkpoint directory.",
     )
-    data: DataConfig = Field(default_factory=DataConfig, description="Corpus for calibration (train split) and evaluation (val split).")
+    data: DataConfig = Field(
+        default_factory=DataConfig,
+        description="Corpus for calibration (train split) and evaluation (val split).",
+    )
     data_dir: str | None = Field(
-        None, description="An already prepared data directory (holding manifest.json) to use instead of "
+        None,
+        description="An already prepared data directory (holding manifest.json) to use instead of "
         "preparing `data` here (e.g. the one `retort data` printed).",
     )
     variants: list[VariantConfig] = Field(
@@ -181,11 +213,15 @@ class CompressConfig(StrictModel):
         "of a pruned model are then built from the recovered weights.",
     )
     eval: EvalConfig = Field(default_factory=EvalConfig, description="Evaluation settings.")
-    registry: RegistryConfig = Field(default_factory=RegistryConfig, description="Where the source comes from and variants go.")
+    registry: RegistryConfig = Field(
+        default_factory=RegistryConfig, description="Where the source comes from and variants go."
+    )
     publish_prefix: str | None = Field(
         None, description="Published name = <prefix>-<variant>; default: the source model's registry name."
     )
-    fail_on_gate: bool = Field(True, description="Exit 1 if any variant fails its gate (passing ones still publish).")
+    fail_on_gate: bool = Field(
+        True, description="Exit 1 if any variant fails its gate (passing ones still publish)."
+    )
     out_dir: str = Field("runs/compress", description="Where variant checkpoints and the report are written.")
     seed: int = Field(0, description="Calibration sampling seed.")
 
@@ -197,11 +233,15 @@ class CompressConfig(StrictModel):
             raise ValueError(f"duplicate variant names: {', '.join(dup)}")
         if self.recovery.enabled:
             if not any(recovers(v) for v in self.variants):
-                raise ValueError("recovery.enabled needs a variant with structured pruning (prune: {method: structured}); "
-                                 "magnitude / 2:4 zeros would be refilled by dense fine-tuning")
+                raise ValueError(
+                    "recovery.enabled needs a variant with structured pruning (prune: {method: structured}); "
+                    "magnitude / 2:4 zeros would be refilled by dense fine-tuning"
+                )
             taken = sorted(set(self.recovery.distill) & set(RESERVED_DISTILL))
             if taken:
-                raise ValueError(f"recovery.distill may not set {', '.join(taken)}: the compress job sets them")
+                raise ValueError(
+                    f"recovery.distill may not set {', '.join(taken)}: the compress job sets them"
+                )
             recovered = {f"{v.name}-recovered" for v in self.variants if recovers(v) and v.quant is None}
             clash = sorted(recovered & set(names))
             if clash:
@@ -209,23 +249,43 @@ class CompressConfig(StrictModel):
             self.recovery_distill(teacher=self.source, student_init="check:1", data=self.data, run_dir=".")
         return self
 
-    def recovery_distill(self, teacher: str, student_init: str, data: DataConfig, run_dir: str) -> DistillConfig:
+    def recovery_distill(
+        self, teacher: str, student_init: str, data: DataConfig, run_dir: str
+    ) -> DistillConfig:
         """The distillation job config of one recovery run (raises ValueError naming the bad field)."""
         r = self.recovery
         base = {
-            "data": data.model_dump(), "teacher": teacher, "student_init": student_init,
-            "loss": r.loss.model_dump(), "teacher_source": "online", "mode": "zero", "zero_stage": 1,
-            "num_workers": r.num_workers, "micro_batch_size": r.micro_batch_size, "steps": r.steps,
-            "seq_len": r.seq_len or self.eval.seq_len, "lr": r.lr, "warmup_steps": r.warmup_steps,
-            "checkpoint_every": r.steps, "seed": self.seed, "registry": self.registry.model_dump(),
-            "eval": {"seq_len": self.eval.seq_len, "stride": self.eval.stride, "batch_size": self.eval.batch_size,
-                     "max_tokens": self.eval.max_tokens, "teacher": False},
-            "publish": False, "run_dir": run_dir,
+            "data": data.model_dump(),
+            "teacher": teacher,
+            "student_init": student_init,
+            "loss": r.loss.model_dump(),
+            "teacher_source": "online",
+            "mode": "zero",
+            "zero_stage": 1,
+            "num_workers": r.num_workers,
+            "micro_batch_size": r.micro_batch_size,
+            "steps": r.steps,
+            "seq_len": r.seq_len or self.eval.seq_len,
+            "lr": r.lr,
+            "warmup_steps": r.warmup_steps,
+            "checkpoint_every": r.steps,
+            "seed": self.seed,
+            "registry": self.registry.model_dump(),
+            "eval": {
+                "seq_len": self.eval.seq_len,
+                "stride": self.eval.stride,
+                "batch_size": self.eval.batch_size,
+                "max_tokens": self.eval.max_tokens,
+                "teacher": False,
+            },
+            "publish": False,
+            "run_dir": run_dir,
         }
         try:
             return DistillConfig.model_validate(deep_merge(base, r.distill))
         except ValidationError as e:
             err = e.errors()[0]
             where = ".".join(str(p) for p in err["loc"])
-            raise ValueError(f"recovery: distill{'.' + where if where else ''}: "
-                             f"{err['msg'].removeprefix('Value error, ')}") from None
+            raise ValueError(
+                f"recovery: distill{'.' + where if where else ''}: {err['msg'].removeprefix('Value error, ')}"
+            ) from None

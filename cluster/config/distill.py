@@ -31,18 +31,34 @@ class TopKSettings(StrictModel):
 
 
 class EvalSettings(StrictModel):
-    seq_len: int | None = Field(None, ge=8, description="Context length of the held-out perplexity; default: seq_len.")
-    stride: int | None = Field(None, ge=1, description="Sliding-window stride; default: the eval context length.")
+    seq_len: int | None = Field(
+        None, ge=8, description="Context length of the held-out perplexity; default: seq_len."
+    )
+    stride: int | None = Field(
+        None, ge=1, description="Sliding-window stride; default: the eval context length."
+    )
     batch_size: int = Field(8, ge=1, description="Windows per forward pass during evaluation.")
-    max_tokens: int | None = Field(65536, ge=1, description="Evaluate on at most this many val tokens (None = all).")
-    teacher: bool = Field(True, description="Also measure the teacher's perplexity (for retention = teacher/student).")
+    max_tokens: int | None = Field(
+        65536, ge=1, description="Evaluate on at most this many val tokens (None = all)."
+    )
+    teacher: bool = Field(
+        True, description="Also measure the teacher's perplexity (for retention = teacher/student)."
+    )
 
 
 class DistillConfig(StrictModel):
-    data: DataConfig = Field(default_factory=DataConfig, description="Corpus, tokenizer and token shards (train.data).")
-    teacher: str = Field("teacher@latest", description="Registry ref of the teacher: name@alias, name:VERSION or name.")
-    student_preset: str = Field("small-student", description=f"Student architecture preset ({', '.join(PRESETS)}).")
-    student: ModelConfig | None = Field(None, description="Explicit student architecture; overrides student_preset.")
+    data: DataConfig = Field(
+        default_factory=DataConfig, description="Corpus, tokenizer and token shards (train.data)."
+    )
+    teacher: str = Field(
+        "teacher@latest", description="Registry ref of the teacher: name@alias, name:VERSION or name."
+    )
+    student_preset: str = Field(
+        "small-student", description=f"Student architecture preset ({', '.join(PRESETS)})."
+    )
+    student: ModelConfig | None = Field(
+        None, description="Explicit student architecture; overrides student_preset."
+    )
     student_init: str | None = Field(
         None,
         description="Start the student from this checkpoint instead of a fresh init: a registry ref (name@alias, "
@@ -51,21 +67,33 @@ class DistillConfig(StrictModel):
     )
     loss: KDLossConfig = Field(default_factory=KDLossConfig, description="The distillation loss.")
     teacher_source: Literal["online", "topk"] = Field(
-        "online", description="online: the frozen teacher runs in every worker (no grad); topk: read the top-k cache."
+        "online",
+        description="online: the frozen teacher runs in every worker (no grad); topk: read the top-k cache.",
     )
     topk: TopKSettings = Field(default_factory=TopKSettings, description="Top-k cache settings.")
     mode: Literal["zero", "pipeline"] = Field(
-        "zero", description="zero: data parallel with ZeRO; pipeline: the student as a DeepSpeed PipelineModule."
+        "zero",
+        description="zero: data parallel with ZeRO; pipeline: the student as a DeepSpeed PipelineModule.",
     )
-    zero_stage: int = Field(1, ge=0, le=3, description="DeepSpeed ZeRO stage (0-3); pipeline mode allows 0-1.")
-    num_workers: int = Field(2, ge=1, description="Ray Train workers (one process each; one GPU each if use_gpu).")
+    zero_stage: int = Field(
+        1, ge=0, le=3, description="DeepSpeed ZeRO stage (0-3); pipeline mode allows 0-1."
+    )
+    num_workers: int = Field(
+        2, ge=1, description="Ray Train workers (one process each; one GPU each if use_gpu)."
+    )
     use_gpu: bool = Field(False, description="One GPU per worker, NCCL; otherwise CPU and gloo.")
     cpus_per_worker: float = Field(1.0, gt=0, description="CPUs Ray reserves per worker.")
-    pipeline_stages: int = Field(2, ge=2, description="Pipeline stages (mode=pipeline); num_workers must be a multiple.")
+    pipeline_stages: int = Field(
+        2, ge=2, description="Pipeline stages (mode=pipeline); num_workers must be a multiple."
+    )
     micro_batch_size: int = Field(4, ge=1, description="Sequences per micro-batch per data-parallel rank.")
-    grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step (pipeline: micro-batches in flight).")
+    grad_accum: int = Field(
+        1, ge=1, description="Micro-batches per optimizer step (pipeline: micro-batches in flight)."
+    )
     global_batch_size: int | None = Field(
-        None, ge=1, description="If set, must equal micro_batch_size * grad_accum * data-parallel world (checked)."
+        None,
+        ge=1,
+        description="If set, must equal micro_batch_size * grad_accum * data-parallel world (checked).",
     )
     steps: int = Field(200, ge=1, description="Optimizer steps.")
     seq_len: int = Field(128, ge=8, description="Tokens per training sequence.")
@@ -86,27 +114,43 @@ class DistillConfig(StrictModel):
         "chunks (train/distill/fused_kd.py), never materialising the (tokens, vocab) logits; with compile, each "
         "chunk is one compiled pass. Same loss and gradients as the reference loss. ZeRO <= 2.",
     )
-    bf16: bool = Field(False, description="bf16 mixed precision (GPUs with bf16; CPU runs stay fp32 if false).")
+    bf16: bool = Field(
+        False, description="bf16 mixed precision (GPUs with bf16; CPU runs stay fp32 if false)."
+    )
     offload_optimizer: bool = Field(False, description="ZeRO optimizer-state offload to CPU (stage >= 1).")
     seed: int = Field(0, description="Student init, data order and dropout seed.")
-    checkpoint_every: int = Field(50, ge=1, description="Save a DeepSpeed checkpoint and report it to Ray Train every N steps.")
+    checkpoint_every: int = Field(
+        50, ge=1, description="Save a DeepSpeed checkpoint and report it to Ray Train every N steps."
+    )
     keep_checkpoints: int = Field(2, ge=1, description="Checkpoints Ray Train keeps (oldest deleted).")
-    max_failures: int = Field(2, ge=0, description="Worker-group restarts Ray Train allows (each resumes from the last checkpoint).")
+    max_failures: int = Field(
+        2, ge=0, description="Worker-group restarts Ray Train allows (each resumes from the last checkpoint)."
+    )
     log_every: int = Field(10, ge=1, description="Report metrics to Ray Train every N steps.")
-    eval: EvalSettings = Field(default_factory=EvalSettings, description="Held-out evaluation after training.")
-    registry: RegistryConfig = Field(default_factory=RegistryConfig, description="Where the teacher comes from and the student goes.")
+    eval: EvalSettings = Field(
+        default_factory=EvalSettings, description="Held-out evaluation after training."
+    )
+    registry: RegistryConfig = Field(
+        default_factory=RegistryConfig, description="Where the teacher comes from and the student goes."
+    )
     publish: bool = Field(True, description="Publish the final student to the registry.")
     publish_name: str = Field("student", description="Registry name of the published student.")
     publish_alias: str | None = Field(
-        None, description="Alias moved to the new version (None = none; NAME@latest always means the newest version)."
+        None,
+        description="Alias moved to the new version (None = none; NAME@latest always means the newest version).",
     )
-    run_dir: str = Field("runs/distill", description="Run directory: Ray Train storage, checkpoints, exported student.")
+    run_dir: str = Field(
+        "runs/distill", description="Run directory: Ray Train storage, checkpoints, exported student."
+    )
 
     @model_validator(mode="after")
     def _check(self) -> DistillConfig:
         # a student_init registry ref has no architecture until make_plan resolves it (and checks it then)
-        model = None if self.student is None and self.student_init and not init_is_dir(self.student_init) \
+        model = (
+            None
+            if self.student is None and self.student_init and not init_is_dir(self.student_init)
             else self.student_model()
+        )
         if self.mode == "pipeline":
             if self.zero_stage >= 2:
                 raise ValueError(
@@ -115,7 +159,9 @@ class DistillConfig(StrictModel):
                     "use zero_stage 0 or 1, or mode=zero"
                 )
             if self.teacher_source != "topk":
-                raise ValueError("mode=pipeline takes its KD labels from the top-k cache: set teacher_source=topk")
+                raise ValueError(
+                    "mode=pipeline takes its KD labels from the top-k cache: set teacher_source=topk"
+                )
             if self.num_workers % self.pipeline_stages:
                 raise ValueError(
                     f"num_workers ({self.num_workers}) must be a multiple of pipeline_stages ({self.pipeline_stages})"
@@ -126,22 +172,36 @@ class DistillConfig(StrictModel):
                     "every stage needs at least one decoder block"
                 )
             if self.loss.hidden_weight > 0:
-                raise ValueError("loss.hidden_weight > 0 needs an online teacher; pipeline mode uses the top-k cache")
+                raise ValueError(
+                    "loss.hidden_weight > 0 needs an online teacher; pipeline mode uses the top-k cache"
+                )
         if self.teacher_source == "topk" and self.loss.hidden_weight > 0:
-            raise ValueError("loss.hidden_weight > 0 needs teacher_source=online (the cache holds no hidden states)")
+            raise ValueError(
+                "loss.hidden_weight > 0 needs teacher_source=online (the cache holds no hidden states)"
+            )
         if self.compile and self.zero_stage >= 3:
-            raise ValueError("compile with zero_stage=3: ZeRO-3's parameter hooks break torch.compile graphs; use stage <= 2")
+            raise ValueError(
+                "compile with zero_stage=3: ZeRO-3's parameter hooks break torch.compile graphs; use stage <= 2"
+            )
         if self.fused_kd:
             if self.mode != "zero" or self.teacher_source != "online":
-                raise ValueError("fused_kd needs mode=zero with teacher_source=online (it fuses the online teacher's "
-                                 "LM head into the loss); set fused_kd=false for the top-k cache or pipeline mode")
+                raise ValueError(
+                    "fused_kd needs mode=zero with teacher_source=online (it fuses the online teacher's "
+                    "LM head into the loss); set fused_kd=false for the top-k cache or pipeline mode"
+                )
             if self.zero_stage >= 3:
-                raise ValueError("fused_kd with zero_stage=3: ZeRO-3 partitions the LM-head weight the fused loss "
-                                 "reads outside the module's forward; use stage <= 2 or fused_kd=false")
+                raise ValueError(
+                    "fused_kd with zero_stage=3: ZeRO-3 partitions the LM-head weight the fused loss "
+                    "reads outside the module's forward; use stage <= 2 or fused_kd=false"
+                )
         if self.offload_optimizer and self.zero_stage == 0:
-            raise ValueError("offload_optimizer needs zero_stage >= 1 (ZeRO-Offload partitions the optimizer state)")
+            raise ValueError(
+                "offload_optimizer needs zero_stage >= 1 (ZeRO-Offload partitions the optimizer state)"
+            )
         if self.publish_alias == "latest":
-            raise ValueError("publish_alias 'latest' is implicit (the newest version); use another alias or null")
+            raise ValueError(
+                "publish_alias 'latest' is implicit (the newest version); use another alias or null"
+            )
         want = self.micro_batch_size * self.grad_accum * self.dp_world
         if self.global_batch_size is not None and self.global_batch_size != want:
             raise ValueError(
@@ -179,8 +239,19 @@ class DistillConfig(StrictModel):
         budget, the checkpoint cadence, logging, eval and publishing.
         """
         d = self.model_dump(mode="json")
-        for k in ("max_failures", "checkpoint_every", "keep_checkpoints", "log_every", "eval", "publish",
-                  "publish_name", "publish_alias", "registry", "cpus_per_worker", "run_dir"):
+        for k in (
+            "max_failures",
+            "checkpoint_every",
+            "keep_checkpoints",
+            "log_every",
+            "eval",
+            "publish",
+            "publish_name",
+            "publish_alias",
+            "registry",
+            "cpus_per_worker",
+            "run_dir",
+        ):
             d.pop(k, None)
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -194,7 +265,9 @@ def init_architecture(student_init: str) -> ModelConfig:
     from cluster.checkpoint import config_from_hf, read_hf_config  # torch: only when a checkpoint is read
 
     if not init_is_dir(student_init):
-        raise ValueError(f"student_init {student_init!r} is not a checkpoint directory (a registry ref is "
-                         "resolved by train.distill.job.make_plan)")
+        raise ValueError(
+            f"student_init {student_init!r} is not a checkpoint directory (a registry ref is "
+            "resolved by train.distill.job.make_plan)"
+        )
     path = Path(student_init).expanduser()
     return config_from_hf(read_hf_config(path), source=str(path / "config.json"))

@@ -10,8 +10,12 @@ from cluster.config.base import StrictModel
 
 
 class ModelConfig(StrictModel):
-    arch: Literal["llama", "qwen2"] = Field("llama", description="Checkpoint family: llama (no qkv bias) or qwen2 (qkv bias).")
-    vocab_size: int = Field(8192, ge=2, description="Rows of the embedding / LM head (may exceed the tokenizer's vocab: padding).")
+    arch: Literal["llama", "qwen2"] = Field(
+        "llama", description="Checkpoint family: llama (no qkv bias) or qwen2 (qkv bias)."
+    )
+    vocab_size: int = Field(
+        8192, ge=2, description="Rows of the embedding / LM head (may exceed the tokenizer's vocab: padding)."
+    )
     d_model: int = Field(256, ge=8, description="Hidden size (HF hidden_size).")
     n_layers: int = Field(4, ge=1, description="Decoder blocks (HF num_hidden_layers).")
     n_heads: int = Field(4, ge=1, description="Query heads (HF num_attention_heads).")
@@ -44,12 +48,24 @@ PRESETS: dict[str, dict] = {
     # tests: seconds on a CPU
     "tiny": dict(vocab_size=512, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=192, max_seq_len=256),
     # the CPU demo's teacher (~6M params with an 4k vocab)
-    "small": dict(vocab_size=4096, d_model=256, n_layers=6, n_heads=8, n_kv_heads=4, d_ff=704, max_seq_len=512),
+    "small": dict(
+        vocab_size=4096, d_model=256, n_layers=6, n_heads=8, n_kv_heads=4, d_ff=704, max_seq_len=512
+    ),
     # the CPU demo's student (about a quarter of the teacher)
-    "small-student": dict(vocab_size=4096, d_model=128, n_layers=4, n_heads=4, n_kv_heads=2, d_ff=352, max_seq_len=512,
-                          tie_embeddings=True),
+    "small-student": dict(
+        vocab_size=4096,
+        d_model=128,
+        n_layers=4,
+        n_heads=4,
+        n_kv_heads=2,
+        d_ff=352,
+        max_seq_len=512,
+        tie_embeddings=True,
+    ),
     # one GPU: ~125M (GPT-2-small sized Llama)
-    "base": dict(vocab_size=32000, d_model=768, n_layers=12, n_heads=12, n_kv_heads=12, d_ff=2048, max_seq_len=2048),
+    "base": dict(
+        vocab_size=32000, d_model=768, n_layers=12, n_heads=12, n_kv_heads=12, d_ff=2048, max_seq_len=2048
+    ),
 }
 
 

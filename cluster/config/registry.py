@@ -13,4 +13,6 @@ class RegistryConfig(StrictModel):
         description="Registry root: a local path or an fsspec/pyarrow URI (s3://bucket/prefix). "
         "The RETORT_REGISTRY environment variable overrides it.",
     )
-    cache_dir: str = Field("~/.retort/cache", description="Local cache for remote roots (verified before use).")
+    cache_dir: str = Field(
+        "~/.retort/cache", description="Local cache for remote roots (verified before use)."
+    )

@@ -62,8 +62,14 @@ def _build() -> Any | None:
     try:
         from torch.utils.cpp_extension import load
 
-        load(name="retort_int4", sources=[str(SOURCE)], extra_cflags=["-O3", "-fopenmp"],
-             extra_ldflags=["-fopenmp"], is_python_module=False, verbose=False)
+        load(
+            name="retort_int4",
+            sources=[str(SOURCE)],
+            extra_cflags=["-O3", "-fopenmp"],
+            extra_ldflags=["-fopenmp"],
+            is_python_module=False,
+            verbose=False,
+        )
         ops = torch.ops.retort_int4
         isa = ops.isa()
     except Exception as e:  # noqa: BLE001 - any build/load failure means "use another kernel"
@@ -77,8 +83,12 @@ def _build() -> Any | None:
         log.warning("retort int4 CPU kernel unavailable: %s", _state["error"])
         return None
     if _built(build_dir) != before:
-        log.warning("retort int4 CPU kernel compiled in %.0fs (%s), cached under %s", time.perf_counter() - t, isa,
-                    build_dir)
+        log.warning(
+            "retort int4 CPU kernel compiled in %.0fs (%s), cached under %s",
+            time.perf_counter() - t,
+            isa,
+            build_dir,
+        )
     else:
         log.info("retort int4 CPU kernel loaded (%s) from %s", isa, build_dir)
     return ops

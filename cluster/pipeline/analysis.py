@@ -15,8 +15,15 @@ import torch
 
 from cluster.checkpoint import read_state_dict
 
-MATRIX_SUFFIXES = ("q_proj.weight", "k_proj.weight", "v_proj.weight", "o_proj.weight",
-                   "gate_proj.weight", "up_proj.weight", "down_proj.weight")
+MATRIX_SUFFIXES = (
+    "q_proj.weight",
+    "k_proj.weight",
+    "v_proj.weight",
+    "o_proj.weight",
+    "gate_proj.weight",
+    "up_proj.weight",
+    "down_proj.weight",
+)
 
 
 def linear_weights(model_dir: Path) -> dict[str, torch.Tensor]:
@@ -52,7 +59,10 @@ def sparsity_by_layer(weights: dict[str, torch.Tensor]) -> dict[str, float]:
     for k, w in weights.items():
         layer = ".".join(k.split(".")[:3])  # model.layers.N
         layers.setdefault(layer, []).append(w)
-    return {k: float(sum((t == 0).sum() for t in ts) / sum(t.numel() for t in ts)) for k, ts in sorted(layers.items())}
+    return {
+        k: float(sum((t == 0).sum() for t in ts) / sum(t.numel() for t in ts))
+        for k, ts in sorted(layers.items())
+    }
 
 
 def bytes_by_precision(num_params: int, group_size: int = 128, rows: int = 0) -> dict[str, float]:
@@ -88,7 +98,9 @@ def memory_bandwidth_gbs(size_mb: int = 256, repeats: int = 5) -> float:
     return 2 * a.nbytes / best / 1e9
 
 
-def replicas_needed(requests_per_day: int, tokens_per_request: int, tok_s_per_replica: float, headroom: float) -> int:
+def replicas_needed(
+    requests_per_day: int, tokens_per_request: int, tok_s_per_replica: float, headroom: float
+) -> int:
     if tok_s_per_replica <= 0:
         return 0
     mean_tok_s = requests_per_day * tokens_per_request / 86400

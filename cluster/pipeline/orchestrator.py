@@ -46,10 +46,23 @@ class Pipeline:
         cfg = load_config(REPO / stage.spec.config, schema_for(stage.kind), [*stage.spec.overrides, *wired])
         return cfg.model_dump(mode="json")
 
-    def job(self, stage: Stage, wired: list[str], *extra: str, subcommand: str | None = None,
-            ok_codes: tuple[int, ...] = (0,)) -> str:
+    def job(
+        self,
+        stage: Stage,
+        wired: list[str],
+        *extra: str,
+        subcommand: str | None = None,
+        ok_codes: tuple[int, ...] = (0,),
+    ) -> str:
         assert stage.spec is not None
-        args = [*(subcommand or stage.name).split(), "-c", stage.spec.config, *stage.spec.overrides, *wired, *extra]
+        args = [
+            *(subcommand or stage.name).split(),
+            "-c",
+            stage.spec.config,
+            *stage.spec.overrides,
+            *wired,
+            *extra,
+        ]
         if self.cfg.local_jobs and stage.kind not in ("serve", "loadtest", "cluster"):
             args.append("--local")
         run = StageRun(stage.name, retort_cmd(*args), self.logs / f"{stage.name}.log")
@@ -80,19 +93,28 @@ class Pipeline:
     def run(self, stages: list[Stage]) -> Path:
         self.total = len(stages)
         t_all = time.monotonic()
-        upstream_ran = False  # refs like teacher:1 repeat across fresh registries: a re-run upstream means new inputs
+        upstream_ran = (
+            False  # refs like teacher:1 repeat across fresh registries: a re-run upstream means new inputs
+        )
         for self.index, stage in enumerate(stages, start=1):
             if stage.spec is not None and not stage.spec.enabled:
                 print(f"– [{self.index}/{self.total}] {stage.name:<9} disabled in config", flush=True)
                 continue
             wired = stage.wire(self)
-            payload = {"stage": stage.name, "wired": wired, "config": self.resolved(stage, wired) if stage.kind else None}
+            payload = {
+                "stage": stage.name,
+                "wired": wired,
+                "config": self.resolved(stage, wired) if stage.kind else None,
+            }
             fp = fingerprint(payload)
             prev = self.state.get(stage.name)
             if prev and prev["fingerprint"] == fp and not upstream_ran and stage.check(self, prev["outputs"]):
                 self.outputs[stage.name] = prev["outputs"]
                 self.timings[stage.name] = {"seconds": prev["seconds"], "skipped": True}
-                print(f"↷ [{self.index}/{self.total}] {stage.name:<9} up to date ({_summary(prev['outputs'])})", flush=True)
+                print(
+                    f"↷ [{self.index}/{self.total}] {stage.name:<9} up to date ({_summary(prev['outputs'])})",
+                    flush=True,
+                )
                 continue
             t0 = time.monotonic()
             out = stage.run(self, wired)

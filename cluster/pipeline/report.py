@@ -53,11 +53,13 @@ class Doc:
         return "\n".join(out)
 
     def html(self, title: str) -> str:
-        out = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
-               "<style>body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}"
-               "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;"
-               "text-align:right}th{background:#f3f3f3}td:first-child,th:first-child{text-align:left}"
-               "img{max-width:100%}</style></head><body>"]
+        out = [
+            f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
+            "<style>body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}"
+            "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;"
+            "text-align:right}th{background:#f3f3f3}td:first-child,th:first-child{text-align:left}"
+            "img{max-width:100%}</style></head><body>",
+        ]
         for kind, val in self.blocks:
             if kind == "h":
                 out.append(f"<h{val[0]}>{html.escape(val[1])}</h{val[0]}>")
@@ -66,7 +68,9 @@ class Doc:
             elif kind == "table":
                 head, rows = val
                 out.append("<table><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in head) + "</tr>")
-                out += ["<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in r) + "</tr>" for r in rows]
+                out += [
+                    "<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in r) + "</tr>" for r in rows
+                ]
                 out.append("</table>")
             elif kind == "img":
                 out.append(f"<img src='{html.escape(val[0])}' alt='{html.escape(val[1])}'>")
@@ -108,12 +112,17 @@ TOKS_KEYS = ("tok_s_b1", "decode_tok_s_b1", "tokens_per_s")
 
 def section_stages(doc: Doc, pipe) -> None:
     doc.h("Stages")
-    rows = [[name, fmt_duration(t["seconds"]), "skipped (up to date)" if t.get("skipped") else "ran"]
-            for name, t in pipe.timings.items() if name != "total"]
+    rows = [
+        [name, fmt_duration(t["seconds"]), "skipped (up to date)" if t.get("skipped") else "ran"]
+        for name, t in pipe.timings.items()
+        if name != "total"
+    ]
     doc.table(["stage", "wall time", "status"], rows)
     if "total" in pipe.timings:
-        doc.p(f"Total wall time: {fmt_duration(pipe.timings['total']['seconds'])} on {platform.machine()} "
-              f"({_cpu_count()} CPU cores).")
+        doc.p(
+            f"Total wall time: {fmt_duration(pipe.timings['total']['seconds'])} on {platform.machine()} "
+            f"({_cpu_count()} CPU cores)."
+        )
 
 
 def _cpu_count() -> int:
@@ -132,13 +141,27 @@ def section_models(doc: Doc, pipe, models: dict[str, dict[str, Any] | None]) -> 
             continue
         ppl = _metric(m, *PPL_KEYS)
         # the teacher on the students' eval windows (both distillation jobs evaluate the same held-out tokens)
-        same = teacher_ppl if role == "teacher" else (_metric(m, "teacher_val_ppl") or student_windows or teacher_ppl)
-        rows.append([role, f"{m['name']}:{m['version']}", m.get("num_parameters"), f"{m['size_bytes'] / 1e6:.2f} MB",
-                     ppl, f"{100 * same / ppl:.1f}%" if same and ppl else None,
-                     (m.get("quantization") or {}).get("scheme") or "fp32"])
+        same = (
+            teacher_ppl
+            if role == "teacher"
+            else (_metric(m, "teacher_val_ppl") or student_windows or teacher_ppl)
+        )
+        rows.append(
+            [
+                role,
+                f"{m['name']}:{m['version']}",
+                m.get("num_parameters"),
+                f"{m['size_bytes'] / 1e6:.2f} MB",
+                ppl,
+                f"{100 * same / ppl:.1f}%" if same and ppl else None,
+                (m.get("quantization") or {}).get("scheme") or "fp32",
+            ]
+        )
     doc.table(["role", "ref", "params", "on disk", "held-out ppl", "retention", "weights"], rows)
-    doc.p("Retention = teacher ppl / model ppl on the same held-out windows: the distillation jobs evaluate the "
-          "teacher on the students' windows; the teacher's own row is its pretraining job's evaluation.")
+    doc.p(
+        "Retention = teacher ppl / model ppl on the same held-out windows: the distillation jobs evaluate the "
+        "teacher on the students' windows; the teacher's own row is its pretraining job's evaluation."
+    )
 
 
 def section_kd(doc: Doc, models: dict[str, dict[str, Any] | None]) -> None:
@@ -152,10 +175,13 @@ def section_kd(doc: Doc, models: dict[str, dict[str, Any] | None]) -> None:
     # context); the teacher job's own number is on other windows and only a fallback
     t_kd = _metric(kd, "teacher_val_ppl") or _metric(nokd, "teacher_val_ppl") or _metric(teacher, *PPL_KEYS)
     t_no = _metric(nokd, "teacher_val_ppl") or t_kd  # both jobs evaluate the same held-out windows
-    doc.table(["student", "held-out ppl", "teacher ppl (same windows)", "vs teacher", "vs no-KD"], [
-        ["with KD", p_kd, t_kd, f"{p_kd / t_kd:.2f}×" if t_kd else None, f"{p_kd / p_no:.2f}×"],
-        ["no KD (same tokens, same steps)", p_no, t_no, f"{p_no / t_no:.2f}×" if t_no else None, "1.00×"],
-    ])
+    doc.table(
+        ["student", "held-out ppl", "teacher ppl (same windows)", "vs teacher", "vs no-KD"],
+        [
+            ["with KD", p_kd, t_kd, f"{p_kd / t_kd:.2f}×" if t_kd else None, f"{p_kd / p_no:.2f}×"],
+            ["no KD (same tokens, same steps)", p_no, t_no, f"{p_no / t_no:.2f}×" if t_no else None, "1.00×"],
+        ],
+    )
 
 
 def section_memory(doc: Doc, pipe, models, out: Path) -> None:
@@ -178,11 +204,19 @@ def section_memory(doc: Doc, pipe, models, out: Path) -> None:
             loaded = an.loaded_bytes(pipe.registry.resolve(v["ref"]))
         except Exception as e:  # noqa: BLE001
             loaded = f"not loadable here: {e}"
-        measured.append([v["ref"], v.get("quantization") or "fp32", f"{m['size_bytes'] / 1e6:.2f} MB",
-                         f"{loaded / 1e6:.2f} MB" if isinstance(loaded, int) else loaded])
+        measured.append(
+            [
+                v["ref"],
+                v.get("quantization") or "fp32",
+                f"{m['size_bytes'] / 1e6:.2f} MB",
+                f"{loaded / 1e6:.2f} MB" if isinstance(loaded, int) else loaded,
+            ]
+        )
     if measured:
-        doc.p("Measured for the registered variants (on disk: every file of the version; loaded: every tensor "
-              "of the model as the engine holds it):")
+        doc.p(
+            "Measured for the registered variants (on disk: every file of the version; loaded: every tensor "
+            "of the model as the engine holds it):"
+        )
         doc.table(["variant", "weights", "on disk", "loaded"], measured)
     if plot:
         plt = _plt()
@@ -190,7 +224,9 @@ def section_memory(doc: Doc, pipe, models, out: Path) -> None:
         width = 0.8 / len(plot)
         for i, (role, est) in enumerate(plot.items()):
             ax.bar([x + i * width for x in range(4)], [v / 1e6 for v in est.values()], width, label=role)
-        ax.set_xticks([x + width * (len(plot) - 1) / 2 for x in range(4)], list(next(iter(plot.values())).keys()))
+        ax.set_xticks(
+            [x + width * (len(plot) - 1) / 2 for x in range(4)], list(next(iter(plot.values())).keys())
+        )
         ax.set_ylabel("MB")
         ax.set_title("Weight memory by precision")
         ax.legend()
@@ -219,7 +255,9 @@ def section_weights(doc: Doc, pipe, models, out: Path) -> None:
     plt.close(fig)
     doc.img(out / "quant_error_by_bits.png", "quantization error by bit width")
 
-    pruned = next((v for v in (pipe.outputs.get("compress") or {}).get("variants", []) if v.get("sparsity")), None)
+    pruned = next(
+        (v for v in (pipe.outputs.get("compress") or {}).get("variants", []) if v.get("sparsity")), None
+    )
     doc.h("Pruning")
     if not pruned:
         doc.p("No pruned variant was published in this run.")
@@ -250,7 +288,10 @@ def section_optimization(doc: Doc, pipe, models) -> None:
     """
     doc.h("Optimization pipeline (measured)")
     student = models.get("student")
-    variants = [(v["ref"], _manifest(pipe, v["ref"])) for v in (pipe.outputs.get("compress") or {}).get("variants", [])]
+    variants = [
+        (v["ref"], _manifest(pipe, v["ref"]))
+        for v in (pipe.outputs.get("compress") or {}).get("variants", [])
+    ]
     variants = [(r, m) for r, m in variants if m and m.get("metrics", {}).get("speedup")]
     if not student or not variants:
         doc.p("The compression stage did not run.")
@@ -259,19 +300,51 @@ def section_optimization(doc: Doc, pipe, models) -> None:
     base_toks = first["tok_s_b1"] / first["speedup"]
     base_ppl = first["ppl"] * first["retention"]
     base_bytes = student["size_bytes"]
-    rows = [[f"{student['name']}:{student['version']} (fp32, uncompressed)", student.get("num_parameters"),
-             f"{base_bytes / 1e6:.2f} MB", base_ppl, "100.0%", base_toks, "1.00×", "1.00×"]]
+    rows = [
+        [
+            f"{student['name']}:{student['version']} (fp32, uncompressed)",
+            student.get("num_parameters"),
+            f"{base_bytes / 1e6:.2f} MB",
+            base_ppl,
+            "100.0%",
+            base_toks,
+            "1.00×",
+            "1.00×",
+        ]
+    ]
     for ref, m in variants:
         x = m["metrics"]
-        rows.append([f"{ref} ({(m.get('quantization') or {}).get('scheme') or 'pruned'})", x.get("nonzero_params"),
-                     f"{m['size_bytes'] / 1e6:.2f} MB", x["ppl"], f"{100 * x['retention']:.1f}%", x["tok_s_b1"],
-                     f"{x['speedup']:.2f}×", f"{base_bytes / m['size_bytes']:.2f}×"])
-    doc.table(["variant", "non-zero params", "bytes on disk", "ppl", "retention", "decode tok/s (b1)",
-               "speedup", "compression"], rows)
+        rows.append(
+            [
+                f"{ref} ({(m.get('quantization') or {}).get('scheme') or 'pruned'})",
+                x.get("nonzero_params"),
+                f"{m['size_bytes'] / 1e6:.2f} MB",
+                x["ppl"],
+                f"{100 * x['retention']:.1f}%",
+                x["tok_s_b1"],
+                f"{x['speedup']:.2f}×",
+                f"{base_bytes / m['size_bytes']:.2f}×",
+            ]
+        )
+    doc.table(
+        [
+            "variant",
+            "non-zero params",
+            "bytes on disk",
+            "ppl",
+            "retention",
+            "decode tok/s (b1)",
+            "speedup",
+            "compression",
+        ],
+        rows,
+    )
     served = pipe.outputs.get("promote", {}).get("ref")
     if served:
-        doc.p(f"Promoted to @{pipe.cfg.promote_alias} and served: {served} (best {pipe.cfg.promote_by}). "
-              "Variants that failed the gate were not published; the compress log lists why.")
+        doc.p(
+            f"Promoted to @{pipe.cfg.promote_alias} and served: {served} (best {pipe.cfg.promote_by}). "
+            "Variants that failed the gate were not published; the compress log lists why."
+        )
 
 
 def _pcts(d: dict[str, Any] | None) -> list[Any]:
@@ -286,15 +359,28 @@ def section_serving(doc: Doc, pipe, out: Path) -> dict[str, Any] | None:
         doc.p("The load test did not run.")
         return None
     s = json.loads(Path(lt["summary"]).read_text())
-    doc.table(["metric", "p50", "p90", "p99"], [
-        ["TTFT (s)", *_pcts(s.get("ttft_s"))],
-        ["time per output token (s)", *_pcts(s.get("tpot_s"))],
-        ["inter-token latency (s)", *_pcts(s.get("itl_s"))],
-        ["end-to-end (s)", *_pcts(s.get("e2e_s"))],
-    ])
-    doc.table(["requests", "failures", "duration (s)", "requests/s", "output tok/s", "SLO gate"], [[
-        s.get("requests"), s.get("failures"), s.get("duration_s"), s.get("requests_per_s"),
-        s.get("output_tokens_per_s"), "passed" if s.get("slo", {}).get("passed") else "failed"]])
+    doc.table(
+        ["metric", "p50", "p90", "p99"],
+        [
+            ["TTFT (s)", *_pcts(s.get("ttft_s"))],
+            ["time per output token (s)", *_pcts(s.get("tpot_s"))],
+            ["inter-token latency (s)", *_pcts(s.get("itl_s"))],
+            ["end-to-end (s)", *_pcts(s.get("e2e_s"))],
+        ],
+    )
+    doc.table(
+        ["requests", "failures", "duration (s)", "requests/s", "output tok/s", "SLO gate"],
+        [
+            [
+                s.get("requests"),
+                s.get("failures"),
+                s.get("duration_s"),
+                s.get("requests_per_s"),
+                s.get("output_tokens_per_s"),
+                "passed" if s.get("slo", {}).get("passed") else "failed",
+            ]
+        ],
+    )
     for png in s.get("plots", []):
         src = Path(png)
         if src.is_file():
@@ -312,13 +398,23 @@ def section_cost(doc: Doc, pipe, serving: dict[str, Any] | None) -> None:
     replicas_seen = max(1, int(serving.get("max_replicas") or 1))
     per_replica = float(serving["output_tokens_per_s"]) / replicas_seen
     n = an.replicas_needed(c.requests_per_day, c.output_tokens_per_request, per_replica, c.headroom)
-    doc.p(f"Assumptions (pipeline config `cost`): {c.requests_per_day:,} requests/day × "
-          f"{c.output_tokens_per_request} output tokens, {c.headroom}× headroom, "
-          f"${c.replica_cost_per_hour:.2f} per replica-hour. Throughput per replica measured by the load test: "
-          f"{per_replica:.1f} output tok/s ({replicas_seen} replica(s) at peak).")
-    doc.table(["mean load (tok/s)", "replicas needed", "cost per day", "cost per 1M output tokens"], [[
-        c.requests_per_day * c.output_tokens_per_request / 86400, n, f"${n * 24 * c.replica_cost_per_hour:.2f}",
-        f"${n * 24 * c.replica_cost_per_hour / (c.requests_per_day * c.output_tokens_per_request / 1e6):.4f}"]])
+    doc.p(
+        f"Assumptions (pipeline config `cost`): {c.requests_per_day:,} requests/day × "
+        f"{c.output_tokens_per_request} output tokens, {c.headroom}× headroom, "
+        f"${c.replica_cost_per_hour:.2f} per replica-hour. Throughput per replica measured by the load test: "
+        f"{per_replica:.1f} output tok/s ({replicas_seen} replica(s) at peak)."
+    )
+    doc.table(
+        ["mean load (tok/s)", "replicas needed", "cost per day", "cost per 1M output tokens"],
+        [
+            [
+                c.requests_per_day * c.output_tokens_per_request / 86400,
+                n,
+                f"${n * 24 * c.replica_cost_per_hour:.2f}",
+                f"${n * 24 * c.replica_cost_per_hour / (c.requests_per_day * c.output_tokens_per_request / 1e6):.4f}",
+            ]
+        ],
+    )
 
 
 def section_bandwidth(doc: Doc, pipe, models) -> None:
@@ -335,12 +431,31 @@ def section_bandwidth(doc: Doc, pipe, models) -> None:
     bw = an.memory_bandwidth_gbs()
     toks = _metric(m, *TOKS_KEYS)
     floor = bw * 1e9 / weight_bytes
-    rows = [[served, f"{weight_bytes / 1e6:.2f} MB", f"{bw:.1f} GB/s", f"{floor:,.0f}",
-             toks, f"{100 * toks / floor:.1f}%" if toks else None]]
-    doc.table(["model", "bytes read per decode step (b1)", "measured copy bandwidth", "bandwidth-bound tok/s (b1)",
-               "measured tok/s (b1)", "of the bound"], rows)
-    doc.p("At batch 1 every generated token reads all weights once, so tokens/s ≤ bandwidth / weight bytes; "
-          "batching amortises the read across sequences, which is why the engine batches decode.")
+    rows = [
+        [
+            served,
+            f"{weight_bytes / 1e6:.2f} MB",
+            f"{bw:.1f} GB/s",
+            f"{floor:,.0f}",
+            toks,
+            f"{100 * toks / floor:.1f}%" if toks else None,
+        ]
+    ]
+    doc.table(
+        [
+            "model",
+            "bytes read per decode step (b1)",
+            "measured copy bandwidth",
+            "bandwidth-bound tok/s (b1)",
+            "measured tok/s (b1)",
+            "of the bound",
+        ],
+        rows,
+    )
+    doc.p(
+        "At batch 1 every generated token reads all weights once, so tokens/s ≤ bandwidth / weight bytes; "
+        "batching amortises the read across sequences, which is why the engine batches decode."
+    )
 
 
 def write_report(pipe) -> Path:

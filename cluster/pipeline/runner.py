@@ -30,8 +30,12 @@ class StageRun:
     cmd: list[str]
     log: Path
     env: dict[str, str] = field(default_factory=dict)
-    lines: deque = field(default_factory=lambda: deque(maxlen=200))  # stdout and stderr, for progress and errors
-    out: deque = field(default_factory=lambda: deque(maxlen=50))  # stdout only: a stage's result is its last line
+    lines: deque = field(
+        default_factory=lambda: deque(maxlen=200)
+    )  # stdout and stderr, for progress and errors
+    out: deque = field(
+        default_factory=lambda: deque(maxlen=50)
+    )  # stdout only: a stage's result is its last line
 
     def last_line(self, stdout_only: bool = False) -> str:
         for line in reversed(self.out if stdout_only else self.lines):
@@ -64,8 +68,10 @@ def execute(run: StageRun, index: int, total: int, ok_codes: tuple[int, ...] = (
         fh.flush()
         proc = subprocess.Popen(run.cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         lock = threading.Lock()
-        pumps = [threading.Thread(target=_pump, args=(stream, run, fh, lock, stream is proc.stdout), daemon=True)
-                 for stream in (proc.stdout, proc.stderr)]
+        pumps = [
+            threading.Thread(target=_pump, args=(stream, run, fh, lock, stream is proc.stdout), daemon=True)
+            for stream in (proc.stdout, proc.stderr)
+        ]
         for pump in pumps:
             pump.start()
         while True:
@@ -83,8 +89,13 @@ def execute(run: StageRun, index: int, total: int, ok_codes: tuple[int, ...] = (
             pump.join(timeout=10)
     seconds = time.monotonic() - t0
     if rc not in ok_codes:
-        why = next((ln.strip() for ln in reversed(run.lines) if "error" in ln.lower() or "failed" in ln.lower()), run.last_line())
-        print(f"✘ [{index}/{total}] {run.name:<9} failed after {fmt_duration(seconds)}: {why[:200]}", flush=True)
+        why = next(
+            (ln.strip() for ln in reversed(run.lines) if "error" in ln.lower() or "failed" in ln.lower()),
+            run.last_line(),
+        )
+        print(
+            f"✘ [{index}/{total}] {run.name:<9} failed after {fmt_duration(seconds)}: {why[:200]}", flush=True
+        )
         raise JobFailed(f"stage {run.name!r} failed (exit {rc}): {why[:300]} — full log: {run.log}")
     note = "" if rc == 0 else f" (exit {rc}: {run.last_line()[:80]})"
     print(f"✔ [{index}/{total}] {run.name:<9} done in {fmt_duration(seconds)}{note}", flush=True)

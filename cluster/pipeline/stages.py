@@ -24,7 +24,11 @@ def _cfg(p: Pipeline | PipelineConfig, stage: str, wired: list[str] | None = Non
 # --- up ---------------------------------------------------------------------------------------
 def run_up(p: Pipeline, wired: list[str]) -> dict[str, Any]:
     spec = p.cfg.cluster
-    execute(StageRun("up", retort_cmd("up", "-c", spec.config, *spec.overrides), p.logs / "up.log"), p.index, p.total)
+    execute(
+        StageRun("up", retort_cmd("up", "-c", spec.config, *spec.overrides), p.logs / "up.log"),
+        p.index,
+        p.total,
+    )
     from cluster.local_cluster import dashboard_url
 
     return {"dashboard": dashboard_url()}
@@ -93,8 +97,11 @@ def topk_windows(cfg: PipelineConfig) -> int:
     over the same windows, never an uncached one).
     """
     specs = [s for s in ("distill", "baseline") if getattr(cfg, s).enabled]
-    return max(d.steps * d.global_batch for d in (_cfg(cfg, s, kind="distill") for s in specs)
-               if d.teacher_source == "topk" or d.mode == "pipeline")
+    return max(
+        d.steps * d.global_batch
+        for d in (_cfg(cfg, s, kind="distill") for s in specs)
+        if d.teacher_source == "topk" or d.mode == "pipeline"
+    )
 
 
 def wire_topk(p: Pipeline) -> list[str]:
@@ -108,8 +115,12 @@ def wire_topk(p: Pipeline) -> list[str]:
     # in this run's folder: a fresh registry numbers its teacher v1 again, and a shared
     # <data dir>/topk/teacher-v1-... of another registry's teacher would be refused
     name = f"{ref.name}-v{ref.version}-L{d.seq_len}-k{t.topk.k}-w{windows}{'-bf16' if t.topk.bf16 else ''}"
-    return [f"topk.teacher={p.outputs['teacher']['ref']}", f"topk.seq_len={d.seq_len}", f"topk.max_windows={windows}",
-            f"topk.dir={p.dir / 'topk' / name}"]
+    return [
+        f"topk.teacher={p.outputs['teacher']['ref']}",
+        f"topk.seq_len={d.seq_len}",
+        f"topk.max_windows={windows}",
+        f"topk.dir={p.dir / 'topk' / name}",
+    ]
 
 
 def run_topk(p: Pipeline, wired: list[str]) -> dict[str, Any]:
@@ -151,8 +162,11 @@ def run_compress(p: Pipeline, wired: list[str]) -> dict[str, Any]:
     names = sorted(set(compress_publish_names(cfg)))
     before = {n: p.refs_of(n) for n in names}
     p.job(Stage("compress", "compress", p.cfg.compress, run_compress), wired)
-    variants = [dict(ref=r["ref"], metrics=r["metrics"], quantization=r["quantization"], sparsity=r["sparsity"])
-                for n in names for r in p.new_versions(n, before[n])]
+    variants = [
+        dict(ref=r["ref"], metrics=r["metrics"], quantization=r["quantization"], sparsity=r["sparsity"])
+        for n in names
+        for r in p.new_versions(n, before[n])
+    ]
     if not variants:
         raise JobFailed("compress stage published no variant (every variant failed the gate)")
     return {"variants": variants}
@@ -170,7 +184,9 @@ def run_promote(p: Pipeline, wired: list[str]) -> dict[str, Any]:
     suffixes = tuple(f"-{c}" for c in p.cfg.promote_candidates)
     variants = [v for v in p.outputs["compress"]["variants"] if v["ref"].split(":")[0].endswith(suffixes)]
     if not variants:
-        raise JobFailed(f"no published variant is a promotion candidate ({', '.join(p.cfg.promote_candidates)})")
+        raise JobFailed(
+            f"no published variant is a promotion candidate ({', '.join(p.cfg.promote_candidates)})"
+        )
     key = p.cfg.promote_by
 
     def score(v: dict[str, Any]) -> float:
@@ -181,7 +197,10 @@ def run_promote(p: Pipeline, wired: list[str]) -> dict[str, Any]:
     name, _, version = best["ref"].partition(":")
     p.registry.promote(name, int(version), p.cfg.promote_alias)
     ref = f"{name}@{p.cfg.promote_alias}"
-    print(f"✔ [{p.index}/{p.total}] promote   {best['ref']} -> {ref} (best {key}={best['metrics'].get(key)})", flush=True)
+    print(
+        f"✔ [{p.index}/{p.total}] promote   {best['ref']} -> {ref} (best {key}={best['metrics'].get(key)})",
+        flush=True,
+    )
     return {"ref": best["ref"], "alias_ref": ref}
 
 
@@ -228,18 +247,31 @@ def run_loadtest(p: Pipeline, wired: list[str]) -> dict[str, Any]:
 
 def build_stages(cfg: PipelineConfig) -> list[Stage]:
     stages = [
-        Stage("up", "cluster", cfg.cluster, run_up, check=cluster_alive, feeds_later=False),  # a restart changes no data
+        Stage(
+            "up", "cluster", cfg.cluster, run_up, check=cluster_alive, feeds_later=False
+        ),  # a restart changes no data
         Stage("data", "data", cfg.data, run_data, check=file_exists("manifest")),
         Stage("teacher", "teacher", cfg.teacher, run_teacher, check=refs_ok),
     ]
     if distill_reads_topk(cfg):
-        stages.append(Stage("topk", "teacher", cfg.teacher, run_topk, wire=wire_topk, check=topk_cache_current))
+        stages.append(
+            Stage("topk", "teacher", cfg.teacher, run_topk, wire=wire_topk, check=topk_cache_current)
+        )
     stages += [
         Stage("distill", "distill", cfg.distill, distill_runner("distill"), wire=wire_distill, check=refs_ok),
-        Stage("baseline", "distill", cfg.baseline, distill_runner("baseline"), wire=wire_distill, check=refs_ok),
+        Stage(
+            "baseline", "distill", cfg.baseline, distill_runner("baseline"), wire=wire_distill, check=refs_ok
+        ),
         Stage("compress", "compress", cfg.compress, run_compress, wire=wire_compress, check=refs_ok),
         Stage("promote", None, None, run_promote, check=promoted),
         Stage("serve", "serve", cfg.serve, run_serve, wire=wire_serve, check=serving),
-        Stage("loadtest", "loadtest", cfg.loadtest, run_loadtest, wire=wire_loadtest, check=file_exists("summary")),
+        Stage(
+            "loadtest",
+            "loadtest",
+            cfg.loadtest,
+            run_loadtest,
+            wire=wire_loadtest,
+            check=file_exists("summary"),
+        ),
     ]
     return stages

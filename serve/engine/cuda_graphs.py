@@ -62,12 +62,23 @@ def graph_variants(available: list[str], strict: bool) -> list[str]:
 
 def additive_mask(keep: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """(B, L) bool keep-mask -> (B, 1, 1, L) additive mask, built once per step (not per layer)."""
-    return torch.zeros(keep.shape, dtype=dtype, device=keep.device).masked_fill_(~keep, float("-inf"))[:, None, None, :]
+    return torch.zeros(keep.shape, dtype=dtype, device=keep.device).masked_fill_(~keep, float("-inf"))[
+        :, None, None, :
+    ]
 
 
 class DecodeGraphs:
-    def __init__(self, fused: FusedModel, kv: KVCacheManager, device: torch.device, max_batch: int, max_blocks: int,
-                 compile: bool = True, max_steps: int = 1, paged: bool = False) -> None:
+    def __init__(
+        self,
+        fused: FusedModel,
+        kv: KVCacheManager,
+        device: torch.device,
+        max_batch: int,
+        max_blocks: int,
+        compile: bool = True,
+        max_steps: int = 1,
+        paged: bool = False,
+    ) -> None:
         self.fused, self.kv, self.device = fused, kv, device
         self.paged = paged  # decode attention with the Triton kernel (no gathered copy, no mask)
         self.batch_sizes = buckets(max_batch, [1, 2, 4, 8, 16, 24, 32, 48, 64])
@@ -91,14 +102,16 @@ class DecodeGraphs:
         self.chosen: dict[tuple[int, int], str] = {}  # bucket -> the variant kept, when several were captured
         self.triton_fn = None
         if self.layer_weights:
-            self.layer_fn = make_decode_layer(fused.n_heads, fused.n_kv_heads, fused.head_dim, fused.eps, compile=True,
-                                              paged=paged)
+            self.layer_fn = make_decode_layer(
+                fused.n_heads, fused.n_kv_heads, fused.head_dim, fused.eps, compile=True, paged=paged
+            )
         # the fused Triton block (five kernels a layer): opt-in, it lost to cuBLAS + Inductor on an H200
         # at every decode batch (see triton_decode)
         if triton_decode.usable(fused, device):
             self.triton_weights = weights
-            self.triton_fn = triton_decode.make_triton_decode_layer(fused.n_heads, fused.n_kv_heads, fused.head_dim,
-                                                                    fused.eps)
+            self.triton_fn = triton_decode.make_triton_decode_layer(
+                fused.n_heads, fused.n_kv_heads, fused.head_dim, fused.eps
+            )
 
     def _pad_inputs(self) -> None:
         """Every row padding: token 0 at position 0 of the scratch block (what capture and the
@@ -120,8 +133,10 @@ class DecodeGraphs:
         """Capture the bucket with every variant there is and keep the fastest replay: ``eager``
         (the fused forward), ``compiled`` (Inductor's decode block; on an H200 it halved a batch-1
         step but was 17% slower at batch 64), ``triton`` (``triton_decode``'s five kernels a layer)."""
-        variants = graph_variants(["eager"] + (["compiled"] if self.layer_fn else [])
-                                  + (["triton"] if self.triton_fn else []), strict=True)
+        variants = graph_variants(
+            ["eager"] + (["compiled"] if self.layer_fn else []) + (["triton"] if self.triton_fn else []),
+            strict=True,
+        )
         if len(variants) == 1:
             return self._capture(b, nb, variants[0])
         timed = []
@@ -135,8 +150,14 @@ class DecodeGraphs:
     def fits(self, batch: int, blocks: int) -> bool:
         return batch <= self.batch_sizes[-1] and blocks <= self.block_counts[-1]
 
-    def run(self, tokens: list[int] | None, positions: list[int], slots: list[int], tables: list[list[int]],
-            steps: int = 1) -> torch.Tensor:
+    def run(
+        self,
+        tokens: list[int] | None,
+        positions: list[int],
+        slots: list[int],
+        tables: list[list[int]],
+        steps: int = 1,
+    ) -> torch.Tensor:
         """Decode len(positions) sequences. ``steps == 1``: one step -> fp32 logits (B, V).
         ``steps > 1``: that many greedy steps back to back -> token ids (B, steps) on the GPU; every
         table must then cover position + steps - 1. ``tokens=None`` continues the previous multi-step
@@ -162,7 +183,9 @@ class DecodeGraphs:
         h[:b, 3] = h[:b, 1] + 1
         for i, tb in enumerate(tables):
             h[i, 4 : 4 + len(tb)] = tb
-        kept = None if tokens is not None else self.inputs[:n, 0].clone()  # in stream order, after the last burst
+        kept = (
+            None if tokens is not None else self.inputs[:n, 0].clone()
+        )  # in stream order, after the last burst
         self.inputs[:b, : 4 + nb].copy_(self.host[:b, : 4 + nb], non_blocking=True)
         if kept is not None:
             self.inputs[:n, 0].copy_(kept)
@@ -184,8 +207,13 @@ class DecodeGraphs:
             inp = self.inputs[:b]
             tokens, positions, slots, ctx = inp[:, 0], inp[:, 1], inp[:, 2].contiguous(), inp[:, 3]
             tables = inp[:, 4 : 4 + nb].contiguous()  # (b, nb)
-            mask = None if self.paged else additive_mask(torch.arange(nb * bs, device=self.device)[None, :] < ctx[:, None],
-                                                         self.kv.kv[0].dtype)
+            mask = (
+                None
+                if self.paged
+                else additive_mask(
+                    torch.arange(nb * bs, device=self.device)[None, :] < ctx[:, None], self.kv.kv[0].dtype
+                )
+            )
             x = fm.embed(tokens)  # (b, d)
             cos, sin = fm.rope_tables(positions)
             if variant == "eager":
@@ -208,7 +236,9 @@ class DecodeGraphs:
 
         return step
 
-    def _advance(self, inp: torch.Tensor, tables: torch.Tensor, logits: torch.Tensor, b: int, nb: int) -> None:
+    def _advance(
+        self, inp: torch.Tensor, tables: torch.Tensor, logits: torch.Tensor, b: int, nb: int
+    ) -> None:
         """In the graph, after the logits: record the greedy token and make it the next step's input
         (position + 1, its slot looked up in the block table, context + 1). A single-step run ignores
         this: the host rewrites every input before each run."""
@@ -217,7 +247,9 @@ class DecodeGraphs:
         self.history[:b].index_copy_(1, self.counter, nxt[:, None])
         self.counter.add_(1).remainder_(self.max_steps)
         pos = inp[:, 1] + 1
-        blk = tables.gather(1, (pos // bs).clamp_(max=nb - 1)[:, None])[:, 0]  # padding rows: the scratch block
+        blk = tables.gather(1, (pos // bs).clamp_(max=nb - 1)[:, None])[
+            :, 0
+        ]  # padding rows: the scratch block
         inp[:, 0] = nxt
         inp[:, 2] = blk * bs + pos % bs
         inp[:, 1] = pos

@@ -101,8 +101,15 @@ def weights_fingerprint(model: torch.nn.Module) -> str:
 
 
 class LLMEngine:
-    def __init__(self, model: Transformer, cfg: EngineConfig, eos_token_id: int | None = None, *, model_id: str | None = None,
-                 kv_connector: Any = None) -> None:
+    def __init__(
+        self,
+        model: Transformer,
+        cfg: EngineConfig,
+        eos_token_id: int | None = None,
+        *,
+        model_id: str | None = None,
+        kv_connector: Any = None,
+    ) -> None:
         self.cfg = cfg
         self.device = resolve_device(cfg.device)
         self.dtype = resolve_dtype(cfg.dtype, self.device)
@@ -110,28 +117,47 @@ class LLMEngine:
         self.vocab_size = mc.vocab_size
         self.max_model_len = cfg.max_model_len or mc.max_seq_len
         if self.max_model_len > mc.max_seq_len:
-            raise ConfigError(f"engine max_model_len {self.max_model_len} exceeds the model's max_seq_len {mc.max_seq_len}")
+            raise ConfigError(
+                f"engine max_model_len {self.max_model_len} exceeds the model's max_seq_len {mc.max_seq_len}"
+            )
         if eos_token_id is not None and not 0 <= eos_token_id < mc.vocab_size:
             raise ConfigError(f"eos_token_id {eos_token_id} is outside the vocabulary [0, {mc.vocab_size})")
         self.eos_token_id = eos_token_id
         fingerprint = weights_fingerprint(model) if model_id is None else ""
         self.model = model.to(device=self.device, dtype=self.dtype).eval()
         warm_quantized_kernels(self.model, self.device)
-        self.model_id = model_id or model_identity(mc.model_dump_json(), str(self.dtype), cfg.block_size, fingerprint)
+        self.model_id = model_id or model_identity(
+            mc.model_dump_json(), str(self.dtype), cfg.block_size, fingerprint
+        )
         num_blocks = self._num_blocks()
         self.kv = KVCacheManager(
-            num_blocks=num_blocks, block_size=cfg.block_size, n_layers=mc.n_layers, n_kv_heads=mc.n_kv_heads,
-            head_dim=mc.dim_head, dtype=self.dtype, device=self.device, model_id=self.model_id,
+            num_blocks=num_blocks,
+            block_size=cfg.block_size,
+            n_layers=mc.n_layers,
+            n_kv_heads=mc.n_kv_heads,
+            head_dim=mc.dim_head,
+            dtype=self.dtype,
+            device=self.device,
+            model_id=self.model_id,
             enable_prefix_caching=cfg.enable_prefix_caching,
         )
         self.kv_connector = kv_connector  # shared KV store hooks (serve.kv.connector.KVConnector) or None
         if kv_connector is not None:
             kv_connector.bind(self.kv)
-        self.scheduler = Scheduler(self.kv, cfg.max_num_seqs, cfg.max_num_batched_tokens, kv_connector=kv_connector)
+        self.scheduler = Scheduler(
+            self.kv, cfg.max_num_seqs, cfg.max_num_batched_tokens, kv_connector=kv_connector
+        )
         self.runner = ModelRunner(
-            self.model, self.kv, self.device, cuda_graphs=not cfg.enforce_eager,
-            max_batch=cfg.max_num_seqs, max_model_len=self.max_model_len, max_tokens=cfg.max_num_batched_tokens,
-            compile=cfg.compile if "RETORT_ENGINE_COMPILE" not in os.environ else os.environ["RETORT_ENGINE_COMPILE"] == "1",
+            self.model,
+            self.kv,
+            self.device,
+            cuda_graphs=not cfg.enforce_eager,
+            max_batch=cfg.max_num_seqs,
+            max_model_len=self.max_model_len,
+            max_tokens=cfg.max_num_batched_tokens,
+            compile=cfg.compile
+            if "RETORT_ENGINE_COMPILE" not in os.environ
+            else os.environ["RETORT_ENGINE_COMPILE"] == "1",
             max_steps=cfg.num_scheduler_steps,
         )
         self.sampler = Sampler(self.device, cfg.seed)
@@ -142,12 +168,16 @@ class LLMEngine:
         self.prompt_tokens = 0
         self.generation_tokens = 0
         # async scheduling: a multi-step burst whose tokens are not applied yet (its sequences, its tokens)
-        self.async_scheduling = cfg.async_scheduling if cfg.async_scheduling is not None else self.runner.graphs is not None
+        self.async_scheduling = (
+            cfg.async_scheduling if cfg.async_scheduling is not None else self.runner.graphs is not None
+        )
         self._inflight: tuple[list[Sequence], PendingTokens] | None = None
 
     # -- construction helpers ------------------------------------------------------------------
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike[str], cfg: EngineConfig, kv_connector: Any = None) -> LLMEngine:
+    def from_pretrained(
+        cls, path: str | os.PathLike[str], cfg: EngineConfig, kv_connector: Any = None
+    ) -> LLMEngine:
         """Load a checkpoint directory (quantized ones too); EOS from its config files if present."""
         from cluster.checkpoint import load_model
 
@@ -156,7 +186,9 @@ class LLMEngine:
 
     def _num_blocks(self) -> int:
         c, mc = self.cfg, self.model.cfg
-        per = KVCacheManager.bytes_per_block(c.block_size, mc.n_layers, mc.n_kv_heads, mc.dim_head, self.dtype)
+        per = KVCacheManager.bytes_per_block(
+            c.block_size, mc.n_layers, mc.n_kv_heads, mc.dim_head, self.dtype
+        )
         if c.num_blocks is not None:
             return c.num_blocks
         if c.kv_memory_bytes is not None:
@@ -168,11 +200,15 @@ class LLMEngine:
             want = c.max_num_seqs * math.ceil(self.max_model_len / c.block_size) + 1
             n = min(want, _available_ram() // 4 // per)
         if n < 2:
-            raise ConfigError(f"KV pool too small: {n} blocks of {per} bytes; raise kv_memory_bytes or num_blocks")
+            raise ConfigError(
+                f"KV pool too small: {n} blocks of {per} bytes; raise kv_memory_bytes or num_blocks"
+            )
         return int(n)
 
     # -- requests ------------------------------------------------------------------------------
-    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, salt: str | None = None) -> None:
+    def add_request(
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, salt: str | None = None
+    ) -> None:
         """Validate and queue a request; it joins the batch at the next ``step()``."""
         if not isinstance(params, SamplingParams):
             raise EngineInputError(f"params must be SamplingParams, got {type(params).__name__}")
@@ -318,7 +354,9 @@ class LLMEngine:
         in-flight burst's tokens (waiting for them while the GPU runs the next)."""
         seqs, pending = self._inflight
         steps = self._continue_steps(seqs, pending.steps)
-        self._inflight = (seqs, self.runner.decode_steps_async(seqs, steps, after=pending)) if steps > 1 else None
+        self._inflight = (
+            (seqs, self.runner.decode_steps_async(seqs, steps, after=pending)) if steps > 1 else None
+        )
         return self._apply_steps(seqs, pending.get())
 
     def _continue_steps(self, seqs: list[Sequence], ahead: int) -> int:
@@ -412,14 +450,21 @@ class LLMEngine:
 
     def _output(self, seq: Sequence, toks: list[int], lps: list[dict[int, float]] | None) -> RequestOutput:
         return RequestOutput(
-            request_id=seq.request_id, new_token_ids=toks, new_logprobs=lps, finished=seq.is_finished,
-            finish_reason=seq.finish_reason, num_prompt_tokens=seq.num_prompt_tokens,
+            request_id=seq.request_id,
+            new_token_ids=toks,
+            new_logprobs=lps,
+            finished=seq.is_finished,
+            finish_reason=seq.finish_reason,
+            num_prompt_tokens=seq.num_prompt_tokens,
             num_cached_tokens=seq.num_cached_tokens,
         )
 
     # -- convenience ---------------------------------------------------------------------------
     def generate(
-        self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams], salt: str | None = None,
+        self,
+        prompts: list[list[int]],
+        params: SamplingParams | list[SamplingParams],
+        salt: str | None = None,
         prefix: str = "gen",
     ) -> list[Completion]:
         """Run ``prompts`` to completion (all submitted at once) and return them in order."""
@@ -446,8 +491,16 @@ class LLMEngine:
                     done[out.request_id] = out
         end = time.monotonic()
         return [
-            Completion(rid, list(pr), got[rid], lps[rid] if p.logprobs else None, done[rid].finish_reason,
-                       done[rid].num_cached_tokens, first.get(rid, end) - start[rid], end - start[rid])
+            Completion(
+                rid,
+                list(pr),
+                got[rid],
+                lps[rid] if p.logprobs else None,
+                done[rid].finish_reason,
+                done[rid].num_cached_tokens,
+                first.get(rid, end) - start[rid],
+                end - start[rid],
+            )
             for rid, pr, p in zip(ids, prompts, plist, strict=True)
         ]
 

@@ -56,7 +56,9 @@ def _plain(m: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None] | None:
     return m.weight.detach(), None if m.bias is None else m.bias.detach()
 
 
-def _linear(x: torch.Tensor, wb: tuple[torch.Tensor, torch.Tensor | None] | None, mod: nn.Module) -> torch.Tensor:
+def _linear(
+    x: torch.Tensor, wb: tuple[torch.Tensor, torch.Tensor | None] | None, mod: nn.Module
+) -> torch.Tensor:
     return F.linear(x, *wb) if wb is not None else mod(x)
 
 
@@ -84,14 +86,22 @@ class FusedModel:
         self.layers: list[LayerWeights] = []
         for block in model.model.layers:
             a, m = block.self_attn, block.mlp
-            self.layers.append(LayerWeights(
-                block, block.input_layernorm.weight.detach(), block.post_attention_layernorm.weight.detach(),
-                _fuse([a.q_proj, a.k_proj, a.v_proj]), _plain(a.o_proj), _fuse([m.gate_proj, m.up_proj]),
-                _plain(m.down_proj),
-            ))
+            self.layers.append(
+                LayerWeights(
+                    block,
+                    block.input_layernorm.weight.detach(),
+                    block.post_attention_layernorm.weight.detach(),
+                    _fuse([a.q_proj, a.k_proj, a.v_proj]),
+                    _plain(a.o_proj),
+                    _fuse([m.gate_proj, m.up_proj]),
+                    _plain(m.down_proj),
+                )
+            )
         w = model.lm_head.weight
         pos = torch.arange(max_positions, device=w.device)[None]
-        cos, sin = rope_cos_sin(pos, cfg.dim_head, cfg.rope_theta, model.model.norm.weight.dtype)  # activation dtype
+        cos, sin = rope_cos_sin(
+            pos, cfg.dim_head, cfg.rope_theta, model.model.norm.weight.dtype
+        )  # activation dtype
         self.cos, self.sin = cos[0], sin[0]  # (P, 1, D)
         self.pre, self.post = layer_pieces(cfg.n_heads, cfg.n_kv_heads, cfg.dim_head, cfg.norm_eps)
 
@@ -133,8 +143,15 @@ class FusedModel:
         """Layer ``i``'s tensors for ``decode_layer``; None if any projection is not a plain linear
         (quantized), or o/down carry a bias."""
         lw = self.layers[i]
-        if lw.qkv is None or lw.o is None or lw.gate_up is None or lw.down is None or lw.o[1] is not None \
-                or lw.gate_up[1] is not None or lw.down[1] is not None:
+        if (
+            lw.qkv is None
+            or lw.o is None
+            or lw.gate_up is None
+            or lw.down is None
+            or lw.o[1] is not None
+            or lw.gate_up[1] is not None
+            or lw.down[1] is not None
+        ):
             return None
         return (lw.ln1, lw.qkv[0], lw.qkv[1], lw.o[0], lw.ln2, lw.gate_up[0], lw.down[0])
 
@@ -144,8 +161,14 @@ class FusedModel:
         return m.lm_head(rms_norm(h, m.model.norm.weight, m.model.norm.eps)).float()
 
 
-def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, tables: torch.Tensor,
-                     mask: torch.Tensor, n_rep: int) -> torch.Tensor:
+def decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    tables: torch.Tensor,
+    mask: torch.Tensor,
+    n_rep: int,
+) -> torch.Tensor:
     """One query per sequence over its paged KV: q (B, H, D); caches (NB, BS, Hkv, D); tables (B, nb)
     block ids; mask (B, 1, 1, nb * BS) additive; n_rep = H // Hkv (a Python int) -> (B, H, D).
     The blocks are gathered into a padded (B, Hkv, L, D) and one masked SDPA runs over the batch."""
@@ -155,7 +178,9 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     k = k_cache.index_select(0, idx).view(B, nb * bs, hkv, d).transpose(1, 2)
     v = v_cache.index_select(0, idx).view(B, nb * bs, hkv, d).transpose(1, 2)
     if n_rep > 1 and not (q.is_cuda or torch.compiler.is_compiling()):  # eager CPU's flash kernel does GQA
-        return F.scaled_dot_product_attention(q.unsqueeze(2), k, v, attn_mask=mask, enable_gqa=True).squeeze(2)
+        return F.scaled_dot_product_attention(q.unsqueeze(2), k, v, attn_mask=mask, enable_gqa=True).squeeze(
+            2
+        )
     if n_rep > 1:
         # CUDA's masked SDPA kernel has no GQA, and compiled, the expansion fuses into the gather
         k, v = k.repeat_interleave(n_rep, dim=1), v.repeat_interleave(n_rep, dim=1)
@@ -194,8 +219,9 @@ def layer_pieces(n_heads: int, n_kv_heads: int, head_dim: int, eps: float):
     return pre, post
 
 
-def make_decode_layer(n_heads: int, n_kv_heads: int, head_dim: int, eps: float, compile: bool = False,
-                      paged: bool = False):
+def make_decode_layer(
+    n_heads: int, n_kv_heads: int, head_dim: int, eps: float, compile: bool = False, paged: bool = False
+):
     """``layer(x, cos, sin, w, k_cache, v_cache, slots, tables, mask, ctx) -> x``: one whole decoder
     block for a decode batch as a function of tensors (the sizes are closure constants, so one
     compiled graph serves every layer). x (B, d); w = (ln1, qkv_w, qkv_b, o_w, ln2, gate_up_w,
@@ -229,8 +255,15 @@ def make_decode_layer(n_heads: int, n_kv_heads: int, head_dim: int, eps: float, 
     def layer(x, cos, sin, w, k_cache, v_cache, slots, tables, mask, ctx):
         ln1, qkv_w, qkv_b, o_w, ln2, gu_w, down_w = w
         if paged:
-            q = rope_and_cache(norm_qkv(x, ln1, qkv_w, qkv_b), cos, sin, k_cache, v_cache, slots,
-                               x.new_empty(x.shape[0], H, D))
+            q = rope_and_cache(
+                norm_qkv(x, ln1, qkv_w, qkv_b),
+                cos,
+                sin,
+                k_cache,
+                v_cache,
+                slots,
+                x.new_empty(x.shape[0], H, D),
+            )
             return post(x, paged_decode_attention(q, k_cache, v_cache, tables, ctx), o_w, ln2, gu_w, down_w)
         q, k, v = pre(x, cos, sin, ln1, qkv_w, qkv_b)
         k_cache.view(-1, Hkv, D).index_copy_(0, slots, k)

@@ -54,7 +54,9 @@ class KVCacheManager:
         self.on_blocks_cached: list[Callable[[list[bytes], list[int]], None]] = []
 
     @staticmethod
-    def bytes_per_block(block_size: int, n_layers: int, n_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
+    def bytes_per_block(
+        block_size: int, n_layers: int, n_kv_heads: int, head_dim: int, dtype: torch.dtype
+    ) -> int:
         return 2 * n_layers * block_size * n_kv_heads * head_dim * torch.empty(0, dtype=dtype).element_size()
 
     # -- hashes --------------------------------------------------------------------------------
@@ -66,8 +68,14 @@ class KVCacheManager:
             end = full * self.block_size
             toks = seq.token_slice(0, end)
             seq.block_hashes.extend(
-                block_hashes(toks, self.block_size, self.model_id, seq.salt, start=have,
-                             parent=seq.block_hashes[-1] if have else None)
+                block_hashes(
+                    toks,
+                    self.block_size,
+                    self.model_id,
+                    seq.salt,
+                    start=have,
+                    parent=seq.block_hashes[-1] if have else None,
+                )
             )
 
     # -- admission / growth --------------------------------------------------------------------
@@ -150,7 +158,9 @@ class KVCacheManager:
         """K and V of the longest cached prefix of ``hashes``, on CPU:
         each ``(n_layers, n, block_size, n_kv_heads, head_dim)``, n <= len(hashes)."""
         n = self.cached_prefix_length(hashes)
-        ids = torch.tensor([self.pool.lookup(h) for h in hashes[:n]], dtype=torch.long, device=self.kv[0].device)
+        ids = torch.tensor(
+            [self.pool.lookup(h) for h in hashes[:n]], dtype=torch.long, device=self.kv[0].device
+        )
         k = torch.stack([layer[0].index_select(0, ids) for layer in self.kv]).cpu()
         v = torch.stack([layer[1].index_select(0, ids) for layer in self.kv]).cpu()
         return k, v
@@ -166,7 +176,9 @@ class KVCacheManager:
         want = (len(self.kv), len(hashes), *ref.shape[2:])
         for name, t in (("k", k), ("v", v)):
             if tuple(t.shape) != want or t.dtype != ref.dtype:
-                raise ValueError(f"import_blocks: {name} is {tuple(t.shape)} {t.dtype}, expected {want} {ref.dtype}")
+                raise ValueError(
+                    f"import_blocks: {name} is {tuple(t.shape)} {t.dtype}, expected {want} {ref.dtype}"
+                )
         if not self.enable_prefix_caching:
             return 0
         todo = [i for i, h in enumerate(hashes) if self.pool.lookup(h) is None][: self.pool.num_free]
@@ -174,7 +186,9 @@ class KVCacheManager:
             return 0
         ids = self.pool.allocate(len(todo))
         dst = torch.tensor(ids, dtype=torch.long, device=ref.device)
-        src = torch.tensor(todo, dtype=torch.long, device=k.device)  # the connector decodes onto the pool's device
+        src = torch.tensor(
+            todo, dtype=torch.long, device=k.device
+        )  # the connector decodes onto the pool's device
         for layer, cache in enumerate(self.kv):
             cache[0].index_copy_(0, dst, k[layer].index_select(0, src).to(ref.device))
             cache[1].index_copy_(0, dst, v[layer].index_select(0, src).to(ref.device))

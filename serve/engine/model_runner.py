@@ -82,7 +82,9 @@ class StepMetadata:
     slot_mapping: torch.Tensor  # (N,) flat slot of every new token
     decode_idx: torch.Tensor | None  # (Bd,) flat offsets of the decode queries
     decode_tables: torch.Tensor | None  # (Bd, max_blocks) block ids, padded with 0
-    decode_mask: torch.Tensor | None  # (Bd, 1, 1, max_blocks * block_size) additive: 0 or -inf, KV dtype; None with Triton
+    decode_mask: (
+        torch.Tensor | None
+    )  # (Bd, 1, 1, max_blocks * block_size) additive: 0 or -inf, KV dtype; None with Triton
     prefills: list[PrefillChunk]
     decode_ctx: torch.Tensor | None = None  # (Bd,) tokens each decode query attends to
     fresh: list[FreshBatch] = field(default_factory=list)  # uncached chunks attended in batches
@@ -95,8 +97,9 @@ class PagedAttention:
         self.kv = kv
         self.meta = meta
 
-    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-               out: torch.Tensor | None = None) -> torch.Tensor:
+    def attend(
+        self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """q (N, H, D), k/v (N, Hkv, D) -> (N, H, D) (into ``out`` if given; rows that are neither a
         decode query nor in a prefill chunk are left as they are); stores k/v in their slots first."""
         cache = self.kv.kv[layer]  # (2, NB, BS, Hkv, D)
@@ -109,8 +112,9 @@ class PagedAttention:
         with sdpa_kernel(SDPA_BACKENDS):
             return self._attend(q, k, v, cache, out)
 
-    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: torch.Tensor,
-                out: torch.Tensor | None) -> torch.Tensor:
+    def _attend(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: torch.Tensor, out: torch.Tensor | None
+    ) -> torch.Tensor:
         _, nb, bs, hkv, d = cache.shape
         m = self.meta
         if m.decode_idx is not None and not m.prefills and not m.fresh and out is None:
@@ -135,23 +139,33 @@ class PagedAttention:
                 vs = v[c.start : c.start + c.q_len].transpose(0, 1)[None]
                 o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, enable_gqa=gqa)
             else:
-                ks = cache[0, c.blocks].view(-1, hkv, d)[: c.ctx_len].transpose(0, 1)[None]  # (1, Hkv, ctx, D)
+                ks = (
+                    cache[0, c.blocks].view(-1, hkv, d)[: c.ctx_len].transpose(0, 1)[None]
+                )  # (1, Hkv, ctx, D)
                 vs = cache[1, c.blocks].view(-1, hkv, d)[: c.ctx_len].transpose(0, 1)[None]
-                if q.is_cuda:  # the chunk's queries are the last q_len positions: bottom-right causal, fused kernel
+                if (
+                    q.is_cuda
+                ):  # the chunk's queries are the last q_len positions: bottom-right causal, fused kernel
                     if gqa:
-                        ks, vs = ks.repeat_interleave(q.shape[1] // hkv, 1), vs.repeat_interleave(q.shape[1] // hkv, 1)
-                    o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=causal_lower_right(c.q_len, c.ctx_len))
+                        ks, vs = (
+                            ks.repeat_interleave(q.shape[1] // hkv, 1),
+                            vs.repeat_interleave(q.shape[1] // hkv, 1),
+                        )
+                    o = F.scaled_dot_product_attention(
+                        qs, ks, vs, attn_mask=causal_lower_right(c.q_len, c.ctx_len)
+                    )
                 else:
                     o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=c.mask, enable_gqa=gqa)
             out[c.start : c.start + c.q_len] = o[0].transpose(0, 1)
         return out
 
-
     def _decode(self, q: torch.Tensor, cache: torch.Tensor) -> torch.Tensor:
         m = self.meta
         if m.decode_mask is None:  # Triton reads the paged pool directly
             return paged_decode_attention(q, cache[0], cache[1], m.decode_tables, m.decode_ctx)
-        return decode_attention(q, cache[0], cache[1], m.decode_tables, m.decode_mask, q.shape[1] // cache.shape[3])
+        return decode_attention(
+            q, cache[0], cache[1], m.decode_tables, m.decode_mask, q.shape[1] // cache.shape[3]
+        )
 
 
 class PendingTokens:
@@ -160,8 +174,13 @@ class PendingTokens:
     ``on_gpu``: its last tokens also sit in the decode graphs' inputs, so the next burst of the same
     sequences can be queued before this one is read back."""
 
-    def __init__(self, steps: int, tokens: list[list[int]] | None = None, host: torch.Tensor | None = None,
-                 done: torch.cuda.Event | None = None) -> None:
+    def __init__(
+        self,
+        steps: int,
+        tokens: list[list[int]] | None = None,
+        host: torch.Tensor | None = None,
+        done: torch.cuda.Event | None = None,
+    ) -> None:
         self.steps = steps
         self._tokens, self._host, self._done = tokens, host, done
         self.on_gpu = tokens is None
@@ -175,8 +194,17 @@ class PendingTokens:
 
 class ModelRunner:
     def __init__(
-        self, model: Transformer, kv: KVCacheManager, device: torch.device, *, cuda_graphs: bool = False,
-        max_batch: int = 1, max_model_len: int = 1, compile: bool = False, max_steps: int = 1, max_tokens: int = 0,
+        self,
+        model: Transformer,
+        kv: KVCacheManager,
+        device: torch.device,
+        *,
+        cuda_graphs: bool = False,
+        max_batch: int = 1,
+        max_model_len: int = 1,
+        compile: bool = False,
+        max_steps: int = 1,
+        max_tokens: int = 0,
     ) -> None:
         self.model = model
         self.kv = kv
@@ -187,9 +215,13 @@ class ModelRunner:
         self.paged = paged_available(device, self.fused.head_dim)
         if self.paged:  # compile the Triton kernel now (for the eager steps' layout), not on a first request
             c, fm = kv.kv[0], self.fused
-            paged_decode_attention(torch.zeros(1, fm.n_heads, fm.head_dim, dtype=c.dtype, device=device), c[0], c[1],
-                                   torch.zeros(1, 1, dtype=torch.long, device=device),
-                                   torch.ones(1, dtype=torch.long, device=device))
+            paged_decode_attention(
+                torch.zeros(1, fm.n_heads, fm.head_dim, dtype=c.dtype, device=device),
+                c[0],
+                c[1],
+                torch.zeros(1, 1, dtype=torch.long, device=device),
+                torch.ones(1, dtype=torch.long, device=device),
+            )
         self.graphs = None
         self.pieces = None
         self.steps = None
@@ -197,24 +229,46 @@ class ModelRunner:
             from serve.engine.cuda_graphs import DecodeGraphs
             from serve.engine.piecewise_graphs import PiecewiseGraphs, StepGraphs
 
-            self.graphs = DecodeGraphs(self.fused, kv, device, max_batch, -(-max_model_len // kv.block_size),
-                                       compile=compile, max_steps=max_steps, paged=self.paged)
+            self.graphs = DecodeGraphs(
+                self.fused,
+                kv,
+                device,
+                max_batch,
+                -(-max_model_len // kv.block_size),
+                compile=compile,
+                max_steps=max_steps,
+                paged=self.paged,
+            )
             self.graphs.capture_all()
             # two pinned buffers for multi-step tokens: one burst's copy lands while the other's is read
-            self._burst_host = [torch.zeros(max_batch, max(1, max_steps), dtype=torch.long, pin_memory=True)
-                                for _ in range(2)]
+            self._burst_host = [
+                torch.zeros(max_batch, max(1, max_steps), dtype=torch.long, pin_memory=True) for _ in range(2)
+            ]
             self._burst_flip = 0
-            if max_tokens and all(self.fused.decode_weights(i) is not None for i in range(len(self.fused.layers))):
+            if max_tokens and all(
+                self.fused.decode_weights(i) is not None for i in range(len(self.fused.layers))
+            ):
                 if self.paged:  # whole steps as graphs (attention from static buffers)
-                    self.steps = StepGraphs(self.fused, kv, device, max_tokens, max_batch,
-                                            -(-max_model_len // kv.block_size), compile=compile)
+                    self.steps = StepGraphs(
+                        self.fused,
+                        kv,
+                        device,
+                        max_tokens,
+                        max_batch,
+                        -(-max_model_len // kv.block_size),
+                        compile=compile,
+                    )
                     self.steps.capture_all()
                 else:  # graphs between eager attention calls
                     self.pieces = PiecewiseGraphs(self.fused, device, max_tokens, kv.kv[0].dtype)
                     self.pieces.capture_all()
 
-    def build(self, seqs: list[Sequence], num_new: list[int], pad_to: int | None = None,
-              ) -> tuple[torch.Tensor, torch.Tensor, StepMetadata, list[int]]:
+    def build(
+        self,
+        seqs: list[Sequence],
+        num_new: list[int],
+        pad_to: int | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, StepMetadata, list[int]]:
         """Flat tokens (N,), positions (N,), attention metadata, and the flat offsets of the
         rows whose logits are needed (sequences whose chunk reaches their last known token).
         ``pad_to``: rows up to it are padding (token 0, position 0, k/v into the scratch block)."""
@@ -262,7 +316,9 @@ class ModelRunner:
             decode_tables = torch.tensor(padded, dtype=torch.long).to(dev, non_blocking=True)
             ctx = torch.tensor(dec_ctx, dtype=torch.long).to(dev, non_blocking=True)
             if not self.paged:
-                decode_mask = additive_mask(torch.arange(nbmax * bs, device=dev)[None, :] < ctx[:, None], self.kv.kv[0].dtype)
+                decode_mask = additive_mask(
+                    torch.arange(nbmax * bs, device=dev)[None, :] < ctx[:, None], self.kv.kv[0].dtype
+                )
         chunks, fresh = [], []
         for group in fresh_groups([(off, q_len) for off, q_len, ctx_len, _ in prefills if ctx_len == q_len]):
             if len(group) == 1:
@@ -288,15 +344,19 @@ class ModelRunner:
             src += range(i * length, i * length + q_len)
             dst += range(off, off + q_len)
         dev = self.device
-        t = torch.tensor([gather, src + [0] * (len(gather) - len(src)), dst + [0] * (len(gather) - len(dst))],
-                         dtype=torch.long).to(dev, non_blocking=True)  # one copy for the three
+        t = torch.tensor(
+            [gather, src + [0] * (len(gather) - len(src)), dst + [0] * (len(gather) - len(dst))],
+            dtype=torch.long,
+        ).to(dev, non_blocking=True)  # one copy for the three
         return FreshBatch(len(group), length, t[0], t[1, : len(src)], t[2, : len(dst)])
 
     @torch.inference_mode()
     def execute(self, seqs: list[Sequence], num_new: list[int]) -> torch.Tensor:
         """Run the step; returns fp32 logits ``(len(logit rows), V)`` in the order of ``seqs``
         that reached their last token."""
-        if self.graphs is not None and all(n == 1 and s.num_computed_tokens > 0 for s, n in zip(seqs, num_new, strict=False)):
+        if self.graphs is not None and all(
+            n == 1 and s.num_computed_tokens > 0 for s, n in zip(seqs, num_new, strict=False)
+        ):
             out = self._graph_decode(seqs)
             if out is not None:
                 return out
@@ -324,7 +384,9 @@ class ModelRunner:
             return None
         return self.steps.run(chunks)
 
-    def _forward(self, tokens: torch.Tensor, positions: torch.Tensor, meta: StepMetadata, rows: list[int]) -> torch.Tensor:
+    def _forward(
+        self, tokens: torch.Tensor, positions: torch.Tensor, meta: StepMetadata, rows: list[int]
+    ) -> torch.Tensor:
         fm = self.fused
         attn = PagedAttention(self.kv, meta)
         x = fm.embed(tokens)  # (N, d)
@@ -343,14 +405,18 @@ class ModelRunner:
             x = x.index_select(0, torch.tensor(rows, dtype=torch.long).to(self.device, non_blocking=True))
         return fm.logits(x)  # (S, V)
 
-    def _graph_decode(self, seqs: list[Sequence], steps: int = 1, offset: int = 0,
-                      last: list[int] | None = None) -> torch.Tensor | None:
+    def _graph_decode(
+        self, seqs: list[Sequence], steps: int = 1, offset: int = 0, last: list[int] | None = None
+    ) -> torch.Tensor | None:
         """Decode ``seqs`` in the CUDA graphs from ``offset`` positions past their computed tokens:
         the input token of each is its own (``offset == 0``), ``last`` (given), or — with neither —
         the one the previous burst's last replay left in the graphs' inputs."""
         bs = self.block_size
         pos = [s.num_computed_tokens + offset for s in seqs]
-        tables = [self.kv.block_tables[s.request_id][: (p + steps - 1) // bs + 1] for s, p in zip(seqs, pos, strict=False)]
+        tables = [
+            self.kv.block_tables[s.request_id][: (p + steps - 1) // bs + 1]
+            for s, p in zip(seqs, pos, strict=False)
+        ]
         if not self.graphs.fits(len(seqs), max(len(t) for t in tables)):
             return None
         toks = last if offset else [s.token_slice(p, p + 1)[0] for s, p in zip(seqs, pos, strict=False)]
@@ -366,7 +432,9 @@ class ModelRunner:
         return self.decode_steps_async(seqs, steps).get()
 
     @torch.inference_mode()
-    def decode_steps_async(self, seqs: list[Sequence], steps: int, after: PendingTokens | None = None) -> PendingTokens:
+    def decode_steps_async(
+        self, seqs: list[Sequence], steps: int, after: PendingTokens | None = None
+    ) -> PendingTokens:
         """``decode_steps``, returning before the tokens are back when the burst runs in CUDA graphs.
         ``after``: the burst of the same ``seqs`` (same order) still to be applied: this one starts
         where it ends (KV blocks reserved for both). When both run in the graphs, this one is queued
@@ -392,8 +460,13 @@ class ModelRunner:
         out: list[list[int]] = [[] for _ in seqs]
         for _ in range(steps):
             slots = [t[p // bs] * bs + p % bs for t, p in zip(tables, pos, strict=True)]
-            meta = self._metadata(slots, list(range(n)), [t[: p // bs + 1] for t, p in zip(tables, pos, strict=True)],
-                                  [p + 1 for p in pos], [])
+            meta = self._metadata(
+                slots,
+                list(range(n)),
+                [t[: p // bs + 1] for t, p in zip(tables, pos, strict=True)],
+                [p + 1 for p in pos],
+                [],
+            )
             tok = torch.tensor(toks, dtype=torch.long).to(self.device, non_blocking=True)
             posn = torch.tensor(pos, dtype=torch.long).to(self.device, non_blocking=True)
             toks = self._forward(tok, posn, meta, list(range(n))).argmax(dim=-1).tolist()

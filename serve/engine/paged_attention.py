@@ -48,10 +48,33 @@ if triton is not None:
     # (multiples of the head size) and stay specialized: Triton then knows every row start is
     # 16-byte aligned and issues vector loads (without it, one 2-byte load per element).
     @triton.jit(do_not_specialize=["s_tb", "s_ctx", "max_ctx"])
-    def _paged_decode(q_ptr, k_ptr, v_ptr, tables_ptr, ctx_ptr, out_ptr, part_ptr, ml_ptr,
-                      s_qb, s_qh, s_kblk, s_ktok, s_kh, s_tb, s_ctx, s_ob, s_oh, scale,
-                      max_ctx, H: tl.constexpr, N_REP: tl.constexpr, BS: tl.constexpr, D: tl.constexpr,
-                      TILE: tl.constexpr, SPLITS: tl.constexpr):
+    def _paged_decode(
+        q_ptr,
+        k_ptr,
+        v_ptr,
+        tables_ptr,
+        ctx_ptr,
+        out_ptr,
+        part_ptr,
+        ml_ptr,
+        s_qb,
+        s_qh,
+        s_kblk,
+        s_ktok,
+        s_kh,
+        s_tb,
+        s_ctx,
+        s_ob,
+        s_oh,
+        scale,
+        max_ctx,
+        H: tl.constexpr,
+        N_REP: tl.constexpr,
+        BS: tl.constexpr,
+        D: tl.constexpr,
+        TILE: tl.constexpr,
+        SPLITS: tl.constexpr,
+    ):
         b = tl.program_id(0)
         h = tl.program_id(1)
         sp = tl.program_id(2)
@@ -99,8 +122,9 @@ if triton is not None:
             tl.store(ml_ptr + row * 2 + 1, acc_l)
 
     @triton.jit
-    def _decode_combine(part_ptr, ml_ptr, out_ptr, s_ob, s_oh, H: tl.constexpr, D: tl.constexpr,
-                        SPLITS: tl.constexpr):
+    def _decode_combine(
+        part_ptr, ml_ptr, out_ptr, s_ob, s_oh, H: tl.constexpr, D: tl.constexpr, SPLITS: tl.constexpr
+    ):
         b = tl.program_id(0)
         h = tl.program_id(1)
         rows = (b * H + h) * SPLITS + tl.arange(0, SPLITS)
@@ -112,10 +136,33 @@ if triton is not None:
         tl.store(out_ptr + b * s_ob + h * s_oh + d, (acc / l_sum).to(out_ptr.dtype.element_ty))
 
     @triton.jit(do_not_specialize=["s_tb", "split_rows"])
-    def _paged_varlen(q_ptr, k_ptr, v_ptr, qblocks_ptr, tables_ptr, out_ptr, part_ptr, ml_ptr,
-                      s_qn, s_qh, s_kblk, s_ktok, s_kh, s_tb, s_on, s_oh, split_rows, scale,
-                      N_REP: tl.constexpr, BS: tl.constexpr, D: tl.constexpr, BLOCK_Q: tl.constexpr,
-                      TILE: tl.constexpr, SPLITS: tl.constexpr, PRECISION: tl.constexpr):
+    def _paged_varlen(
+        q_ptr,
+        k_ptr,
+        v_ptr,
+        qblocks_ptr,
+        tables_ptr,
+        out_ptr,
+        part_ptr,
+        ml_ptr,
+        s_qn,
+        s_qh,
+        s_kblk,
+        s_ktok,
+        s_kh,
+        s_tb,
+        s_on,
+        s_oh,
+        split_rows,
+        scale,
+        N_REP: tl.constexpr,
+        BS: tl.constexpr,
+        D: tl.constexpr,
+        BLOCK_Q: tl.constexpr,
+        TILE: tl.constexpr,
+        SPLITS: tl.constexpr,
+        PRECISION: tl.constexpr,
+    ):
         qb = tl.program_id(0)
         h = tl.program_id(1)
         split = tl.program_id(2)
@@ -143,7 +190,9 @@ if triton is not None:
             for start in range(lo, hi, TILE):
                 kpos = start + t
                 live_k = kpos < hi
-                off = kv_offsets(tables_ptr + seq.to(tl.int64) * s_tb, kpos, live_k, BS, s_kblk, s_ktok, kvh * s_kh)
+                off = kv_offsets(
+                    tables_ptr + seq.to(tl.int64) * s_tb, kpos, live_k, BS, s_kblk, s_ktok, kvh * s_kh
+                )
                 k = tl.load(k_ptr + off[:, None] + d[None, :], mask=live_k[:, None], other=0.0)
                 s = tl.dot(q, tl.trans(k), input_precision=PRECISION)  # (BLOCK_Q, TILE) fp32
                 s = tl.where((kpos[None, :] <= qpos[:, None]) & live_k[None, :], s, float("-inf"))
@@ -157,8 +206,11 @@ if triton is not None:
                 m = m_new
             if SPLITS == 1:  # every live row saw key 0: acc_l > 0
                 out = acc / acc_l[:, None]
-                tl.store(out_ptr + rows[:, None] * s_on + h * s_oh + d[None, :], out.to(out_ptr.dtype.element_ty),
-                         mask=live_q[:, None])
+                tl.store(
+                    out_ptr + rows[:, None] * s_on + h * s_oh + d[None, :],
+                    out.to(out_ptr.dtype.element_ty),
+                    mask=live_q[:, None],
+                )
             else:  # unnormalized partials, combined by _varlen_combine
                 prow = (split * split_rows + rows) * tl.num_programs(1) + h  # (split, row, head)
                 tl.store(part_ptr + prow[:, None] * D + d[None, :], acc, mask=live_q[:, None])
@@ -166,8 +218,19 @@ if triton is not None:
                 tl.store(ml_ptr + prow * 2 + 1, acc_l, mask=live_q)
 
     @triton.jit(do_not_specialize=["split_rows"])
-    def _varlen_combine(qblocks_ptr, out_ptr, part_ptr, ml_ptr, s_on, s_oh, split_rows,
-                        D: tl.constexpr, BLOCK_Q: tl.constexpr, TILE: tl.constexpr, SPLITS: tl.constexpr):
+    def _varlen_combine(
+        qblocks_ptr,
+        out_ptr,
+        part_ptr,
+        ml_ptr,
+        s_on,
+        s_oh,
+        split_rows,
+        D: tl.constexpr,
+        BLOCK_Q: tl.constexpr,
+        TILE: tl.constexpr,
+        SPLITS: tl.constexpr,
+    ):
         qb = tl.program_id(0)
         h = tl.program_id(1)
         H = tl.num_programs(1)
@@ -196,14 +259,32 @@ if triton is not None:
                 acc = acc * alpha[:, None] + a_s * w[:, None]
                 m = m_new
             out = acc / acc_l[:, None]
-            tl.store(out_ptr + rows[:, None] * s_on + h * s_oh + d[None, :], out.to(out_ptr.dtype.element_ty),
-                     mask=live_q[:, None])
-
+            tl.store(
+                out_ptr + rows[:, None] * s_on + h * s_oh + d[None, :],
+                out.to(out_ptr.dtype.element_ty),
+                mask=live_q[:, None],
+            )
 
     @triton.jit
-    def _rope_and_cache(qkv_ptr, cos_ptr, sin_ptr, k_ptr, v_ptr, slots_ptr, q_ptr,
-                        s_qkv, s_cos, s_kslot, s_kh, s_qn, s_qh,
-                        H: tl.constexpr, HKV: tl.constexpr, HP: tl.constexpr, D: tl.constexpr):
+    def _rope_and_cache(
+        qkv_ptr,
+        cos_ptr,
+        sin_ptr,
+        k_ptr,
+        v_ptr,
+        slots_ptr,
+        q_ptr,
+        s_qkv,
+        s_cos,
+        s_kslot,
+        s_kh,
+        s_qn,
+        s_qh,
+        H: tl.constexpr,
+        HKV: tl.constexpr,
+        HP: tl.constexpr,
+        D: tl.constexpr,
+    ):
         n = tl.program_id(0)
         hh = tl.arange(0, HP)
         d = tl.arange(0, D)
@@ -218,32 +299,67 @@ if triton is not None:
         lq = hh < H
         x = tl.load(row + hh[:, None] * D + d[None, :], mask=lq[:, None], other=0.0).to(tl.float32)
         xr = tl.load(row + hh[:, None] * D + rot[None, :], mask=lq[:, None], other=0.0).to(tl.float32)
-        y = (x * cos[None, :]).to(dt).to(tl.float32) + (sign[None, :] * xr * sin[None, :]).to(dt).to(tl.float32)
+        y = (x * cos[None, :]).to(dt).to(tl.float32) + (sign[None, :] * xr * sin[None, :]).to(dt).to(
+            tl.float32
+        )
         tl.store(q_ptr + n.to(tl.int64) * s_qn + hh[:, None] * s_qh + d[None, :], y.to(dt), mask=lq[:, None])
         lk = hh < HKV
         kp = row + H * D
         x = tl.load(kp + hh[:, None] * D + d[None, :], mask=lk[:, None], other=0.0).to(tl.float32)
         xr = tl.load(kp + hh[:, None] * D + rot[None, :], mask=lk[:, None], other=0.0).to(tl.float32)
-        y = (x * cos[None, :]).to(dt).to(tl.float32) + (sign[None, :] * xr * sin[None, :]).to(dt).to(tl.float32)
+        y = (x * cos[None, :]).to(dt).to(tl.float32) + (sign[None, :] * xr * sin[None, :]).to(dt).to(
+            tl.float32
+        )
         tl.store(k_ptr + slot * s_kslot + hh[:, None] * s_kh + d[None, :], y.to(dt), mask=lk[:, None])
         v = tl.load(row + (H + HKV) * D + hh[:, None] * D + d[None, :], mask=lk[:, None], other=0.0)
         tl.store(v_ptr + slot * s_kslot + hh[:, None] * s_kh + d[None, :], v, mask=lk[:, None])
 
 
-def rope_and_cache(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
-                   v_cache: torch.Tensor, slots: torch.Tensor, q_out: torch.Tensor) -> torch.Tensor:
+def rope_and_cache(
+    qkv: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slots: torch.Tensor,
+    q_out: torch.Tensor,
+) -> torch.Tensor:
     """One kernel for what follows the q/k/v projection: qkv (N, (H + 2 Hkv) D) -> RoPE'd q into
     ``q_out`` (N, H, D); RoPE'd k and v into ``slots`` (N,) of the (NB, BS, Hkv, D) caches. cos/sin
     (N, [1,] D) in the activation dtype (``fused_model.rope``'s rounding)."""
     N, H, D = q_out.shape
     _, BS, Hkv, _ = k_cache.shape
     cos2, sin2 = cos.reshape(N, D), sin.reshape(N, D)
-    if qkv.stride(1) != 1 or cos2.stride() != sin2.stride() or cos2.stride(1) != 1 or k_cache.stride(3) != 1 \
-            or v_cache.stride() != k_cache.stride() or q_out.stride(2) != 1 or k_cache.stride(0) != BS * k_cache.stride(1):
+    if (
+        qkv.stride(1) != 1
+        or cos2.stride() != sin2.stride()
+        or cos2.stride(1) != 1
+        or k_cache.stride(3) != 1
+        or v_cache.stride() != k_cache.stride()
+        or q_out.stride(2) != 1
+        or k_cache.stride(0) != BS * k_cache.stride(1)
+    ):
         raise ValueError("rope_and_cache needs contiguous rows, caches laid out alike with contiguous blocks")
-    _rope_and_cache[(N,)](qkv, cos2, sin2, k_cache, v_cache, slots, q_out,
-                          qkv.stride(0), cos2.stride(0), k_cache.stride(1), k_cache.stride(2), q_out.stride(0),
-                          q_out.stride(1), H=H, HKV=Hkv, HP=triton.next_power_of_2(max(H, Hkv)), D=D, num_warps=4)
+    _rope_and_cache[(N,)](
+        qkv,
+        cos2,
+        sin2,
+        k_cache,
+        v_cache,
+        slots,
+        q_out,
+        qkv.stride(0),
+        cos2.stride(0),
+        k_cache.stride(1),
+        k_cache.stride(2),
+        q_out.stride(0),
+        q_out.stride(1),
+        H=H,
+        HKV=Hkv,
+        HP=triton.next_power_of_2(max(H, Hkv)),
+        D=D,
+        num_warps=4,
+    )
     return q_out
 
 
@@ -276,9 +392,17 @@ def query_blocks(chunks: list[tuple[int, int, int]], block_q: int) -> list[tuple
     return out
 
 
-def paged_varlen_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, qblocks: torch.Tensor,
-                           tables: torch.Tensor, out: torch.Tensor, block_q: int, splits: int = 1,
-                           scratch: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+def paged_varlen_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    qblocks: torch.Tensor,
+    tables: torch.Tensor,
+    out: torch.Tensor,
+    block_q: int,
+    splits: int = 1,
+    scratch: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor:
     """q (N, H, D) one step's flat queries; caches (NB, BS, Hkv, D) already holding the step's new
     k/v; qblocks (Q, 4) int64 rows of ``query_blocks(..., block_q)`` (padded with zero rows:
     skipped); tables (S, nb) block ids of each sequence -> attention output written into ``out``
@@ -287,22 +411,60 @@ def paged_varlen_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     max and sum (R, H, 2)) with R >= splits * N, and a second kernel combines them."""
     N, H, D = q.shape
     _, BS, Hkv, _ = k_cache.shape
-    if k_cache.stride(3) != 1 or v_cache.stride() != k_cache.stride() or q.stride(2) != 1 or out.stride(2) != 1:
+    if (
+        k_cache.stride(3) != 1
+        or v_cache.stride() != k_cache.stride()
+        or q.stride(2) != 1
+        or out.stride(2) != 1
+    ):
         raise ValueError("paged_varlen_attention needs contiguous head dims and caches laid out alike")
     if splits > 1 and (scratch is None or scratch[0].shape[0] < splits * N):
         raise ValueError(f"paged_varlen_attention with {splits} splits needs scratch for {splits * N} rows")
     part, ml = scratch if splits > 1 else (out, out)
     grid = (qblocks.shape[0], H)
     _paged_varlen[(*grid, splits)](
-        q, k_cache, v_cache, qblocks, tables, out, part, ml,
-        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), tables.stride(0),
-        out.stride(0), out.stride(1), N, D**-0.5,
-        N_REP=H // Hkv, BS=BS, D=D, BLOCK_Q=block_q, TILE=64, SPLITS=splits,
-        PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=4 if block_q <= 16 else 8,
+        q,
+        k_cache,
+        v_cache,
+        qblocks,
+        tables,
+        out,
+        part,
+        ml,
+        q.stride(0),
+        q.stride(1),
+        k_cache.stride(0),
+        k_cache.stride(1),
+        k_cache.stride(2),
+        tables.stride(0),
+        out.stride(0),
+        out.stride(1),
+        N,
+        D**-0.5,
+        N_REP=H // Hkv,
+        BS=BS,
+        D=D,
+        BLOCK_Q=block_q,
+        TILE=64,
+        SPLITS=splits,
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        num_warps=4 if block_q <= 16 else 8,
     )
     if splits > 1:
-        _varlen_combine[grid](qblocks, out, part, ml, out.stride(0), out.stride(1), N,
-                              D=D, BLOCK_Q=block_q, TILE=64, SPLITS=splits, num_warps=4)
+        _varlen_combine[grid](
+            qblocks,
+            out,
+            part,
+            ml,
+            out.stride(0),
+            out.stride(1),
+            N,
+            D=D,
+            BLOCK_Q=block_q,
+            TILE=64,
+            SPLITS=splits,
+            num_warps=4,
+        )
     return out
 
 
@@ -318,9 +480,15 @@ def decode_splits(programs: int, sms: int = 132) -> int:
     return splits
 
 
-def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, tables: torch.Tensor,
-                           ctx_lens: torch.Tensor, out: torch.Tensor | None = None,
-                           splits: int | None = None) -> torch.Tensor:
+def paged_decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    tables: torch.Tensor,
+    ctx_lens: torch.Tensor,
+    out: torch.Tensor | None = None,
+    splits: int | None = None,
+) -> torch.Tensor:
     """q (B, H, D); caches (NB, BS, Hkv, D) (D contiguous); tables (B, nb) block ids; ctx_lens (B,)
     tokens each query attends to (>= 1); any of them may be strided views (the CUDA graphs pass
     columns of their input buffer) -> (B, H, D). ``splits`` (a power of two; default
@@ -345,13 +513,37 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     part = torch.empty(B * H * splits, D, dtype=torch.float32, device=q.device) if splits > 1 else out
     ml = torch.empty(B * H * splits, 2, dtype=torch.float32, device=q.device) if splits > 1 else out
     _paged_decode[(B, H, splits)](
-        q, k_cache, v_cache, tables, ctx_lens, out, part, ml,
-        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), tables.stride(0),
-        ctx_lens.stride(0), out.stride(0), out.stride(1), D**-0.5, tables.shape[1] * BS,
-        H=H, N_REP=H // Hkv, BS=BS, D=D, TILE=32, SPLITS=splits, num_warps=1,
+        q,
+        k_cache,
+        v_cache,
+        tables,
+        ctx_lens,
+        out,
+        part,
+        ml,
+        q.stride(0),
+        q.stride(1),
+        k_cache.stride(0),
+        k_cache.stride(1),
+        k_cache.stride(2),
+        tables.stride(0),
+        ctx_lens.stride(0),
+        out.stride(0),
+        out.stride(1),
+        D**-0.5,
+        tables.shape[1] * BS,
+        H=H,
+        N_REP=H // Hkv,
+        BS=BS,
+        D=D,
+        TILE=32,
+        SPLITS=splits,
+        num_warps=1,
     )
     if splits > 1:
-        _decode_combine[(B, H)](part, ml, out, out.stride(0), out.stride(1), H=H, D=D, SPLITS=splits, num_warps=1)
+        _decode_combine[(B, H)](
+            part, ml, out, out.stride(0), out.stride(1), H=H, D=D, SPLITS=splits, num_warps=1
+        )
     return out
 
 

@@ -135,8 +135,16 @@ class StepGraphs:
     with T the largest bucket, S the most sequences in a step, Q = T / BLOCK_Q + S the most query
     blocks, NB the most blocks per sequence."""
 
-    def __init__(self, fused: FusedModel, kv: KVCacheManager, device: torch.device, max_tokens: int, max_seqs: int,
-                 max_blocks: int, compile: bool = False) -> None:
+    def __init__(
+        self,
+        fused: FusedModel,
+        kv: KVCacheManager,
+        device: torch.device,
+        max_tokens: int,
+        max_seqs: int,
+        max_blocks: int,
+        compile: bool = False,
+    ) -> None:
         self.fused, self.kv, self.device = fused, kv, device
         # compiled: each layer's attention-free parts as Inductor kernels (norms, RoPE, residuals fused);
         # every bucket is then captured both ways and the faster replay kept, as for decode
@@ -144,8 +152,10 @@ class StepGraphs:
         weights = [fused.decode_weights(i) for i in range(len(fused.layers))]
         self.weights = weights if all(w is not None for w in weights) else None
         if compile and self.weights:
-            self.compiled = (torch.compile(fused.pre, dynamic=True, fullgraph=True),
-                             torch.compile(fused.post, dynamic=True, fullgraph=True))
+            self.compiled = (
+                torch.compile(fused.pre, dynamic=True, fullgraph=True),
+                torch.compile(fused.post, dynamic=True, fullgraph=True),
+            )
         # small buckets, when asked for: triton_decode's fused GEMMs (norm in the prologue, residual in
         # the epilogue); opt-in like the decode graphs' triton variant (slower than cuBLAS on an H200)
         self.triton = triton_decode.usable(fused, device)
@@ -160,11 +170,17 @@ class StepGraphs:
         self.host = torch.zeros(self.offsets[-1], dtype=torch.long, pin_memory=device.type == "cuda")
         self.host_np = self.host.numpy()
         H, D = fused.n_heads, fused.head_dim
-        self.o = torch.zeros(T, H, D, dtype=kv.kv[0].dtype, device=device)  # attention output (rows past a step: stale)
-        self.q = torch.zeros(TRITON_MAX_TOKENS, H, D, dtype=kv.kv[0].dtype, device=device) if self.triton else None
+        self.o = torch.zeros(
+            T, H, D, dtype=kv.kv[0].dtype, device=device
+        )  # attention output (rows past a step: stale)
+        self.q = (
+            torch.zeros(TRITON_MAX_TOKENS, H, D, dtype=kv.kv[0].dtype, device=device) if self.triton else None
+        )
         R = varlen_scratch_rows(self.buckets)  # the split attention's fp32 partials
         self.scratch = (torch.zeros(R, H, D, device=device), torch.zeros(R, H, 2, device=device))
-        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}  # until captured, steps run eagerly
+        self.graphs: dict[
+            int, tuple[torch.cuda.CUDAGraph, torch.Tensor]
+        ] = {}  # until captured, steps run eagerly
         self._copy_done: torch.cuda.Event | None = None
 
     def _num_qblocks(self, t: int) -> int:
@@ -181,14 +197,22 @@ class StepGraphs:
     def _views(self, t: int):
         o, inp = self.offsets, self.inputs
         q = self._num_qblocks(t)
-        return (inp[o[0] : o[0] + t], inp[o[1] : o[1] + t], inp[o[2] : o[2] + t], inp[o[3] : o[4]],
-                inp[o[4] : o[4] + q * 4].view(q, 4), inp[o[5] : o[6]].view(self.S, self.NB))
+        return (
+            inp[o[0] : o[0] + t],
+            inp[o[1] : o[1] + t],
+            inp[o[2] : o[2] + t],
+            inp[o[3] : o[4]],
+            inp[o[4] : o[4] + q * 4].view(q, 4),
+            inp[o[5] : o[6]].view(self.S, self.NB),
+        )
 
     def variants(self, t: int) -> list[str]:
         """The ways bucket ``t`` can be captured (the fastest replay is kept); ``RETORT_GRAPH_VARIANT``
         forces one where it is available (else eager), as for the decode graphs."""
         v = ["eager"] + (["compiled"] if self.compiled else [])
-        return graph_variants(v + (["triton"] if self.triton and t <= TRITON_MAX_TOKENS else []), strict=False)
+        return graph_variants(
+            v + (["triton"] if self.triton and t <= TRITON_MAX_TOKENS else []), strict=False
+        )
 
     def _forward(self, t: int, variant: str = "eager") -> torch.Tensor:
         fm, kv = self.fused, self.kv
@@ -211,8 +235,17 @@ class StepGraphs:
             if variant != "triton":
                 cache[0].view(nb * bs, hkv, d).index_copy_(0, slots, k)
                 cache[1].view(nb * bs, hkv, d).index_copy_(0, slots, v)
-            o = paged_varlen_attention(q, cache[0], cache[1], qblocks, tables, self.o[:t], varlen_block_q(t),
-                                       varlen_splits(t), self.scratch)
+            o = paged_varlen_attention(
+                q,
+                cache[0],
+                cache[1],
+                qblocks,
+                tables,
+                self.o[:t],
+                varlen_block_q(t),
+                varlen_splits(t),
+                self.scratch,
+            )
             if variant == "triton":
                 x = triton_decode.linear_residual(o.view(t, H * D), o_w, x)
                 gu = triton_decode.norm_linear(x, ln2, fm.eps, gu_w)
@@ -233,8 +266,10 @@ class StepGraphs:
             if len(variants) == 1:
                 self.graphs[t] = self._capture(t, variants[0])
                 continue
-            timed = sorted(((_replay_us(g[0]), v, g) for v in variants for g in [self._capture(t, v)]),
-                           key=lambda x: x[0])
+            timed = sorted(
+                ((_replay_us(g[0]), v, g) for v in variants for g in [self._capture(t, v)]),
+                key=lambda x: x[0],
+            )
             self.graphs[t] = timed[0][2]
             self.chosen[t] = timed[0][1]
 

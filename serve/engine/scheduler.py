@@ -38,8 +38,9 @@ class ScheduledBatch:
 
 
 class Scheduler:
-    def __init__(self, kv: KVCacheManager, max_num_seqs: int, max_num_batched_tokens: int,
-                 kv_connector: Any = None) -> None:
+    def __init__(
+        self, kv: KVCacheManager, max_num_seqs: int, max_num_batched_tokens: int, kv_connector: Any = None
+    ) -> None:
         self.kv = kv
         self.kv_connector = kv_connector  # imports blocks fetched from a shared store before the prefix match
         self.max_num_seqs = max_num_seqs

@@ -63,8 +63,13 @@ def usable(fused, device: torch.device) -> bool:
     """The engine may capture this variant for ``fused`` (a ``FusedModel``): requested, Triton on
     CUDA, and plain weights everywhere (every layer's projections and an unbiased LM head)."""
     lm = fused.model.lm_head
-    return requested() and available(device, fused.head_dim) and type(lm) is torch.nn.Linear and lm.bias is None \
+    return (
+        requested()
+        and available(device, fused.head_dim)
+        and type(lm) is torch.nn.Linear
+        and lm.bias is None
         and all(fused.decode_weights(i) is not None for i in range(len(fused.layers)))
+    )
 
 
 def logits(fused, x: torch.Tensor) -> torch.Tensor:
@@ -109,7 +114,9 @@ if triton is not None:
     @triton.jit
     def _to(x, dt: tl.constexpr, EMULATE_RTNE: tl.constexpr):
         """fp32 ``x`` rounded to ``dt`` (round to nearest even, as torch casts)."""
-        if EMULATE_RTNE and dt == tl.bfloat16:  # the interpreter only: add half an ulp (ties to even), truncate
+        if (
+            EMULATE_RTNE and dt == tl.bfloat16
+        ):  # the interpreter only: add half an ulp (ties to even), truncate
             bits = x.to(tl.uint32, bitcast=True)
             bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
             x = bits.to(tl.float32, bitcast=True)
@@ -118,10 +125,31 @@ if triton is not None:
     # M changes with the batch bucket: not specialized (one kernel for every bucket of a block size);
     # the strides are those of the engine's fixed buffers, specialized so loads vectorize
     @triton.jit(do_not_specialize=["M"])
-    def _fused_linear(x_ptr, nw_ptr, w_ptr, b_ptr, r_ptr, o_ptr, M, N, K, s_xm, s_wn, s_rm, s_om, eps,
-                      PROLOGUE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr,
-                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                      PRECISION: tl.constexpr, DOT_F32: tl.constexpr, EMU: tl.constexpr):
+    def _fused_linear(
+        x_ptr,
+        nw_ptr,
+        w_ptr,
+        b_ptr,
+        r_ptr,
+        o_ptr,
+        M,
+        N,
+        K,
+        s_xm,
+        s_wn,
+        s_rm,
+        s_om,
+        eps,
+        PROLOGUE: tl.constexpr,
+        HAS_BIAS: tl.constexpr,
+        HAS_RES: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+        PRECISION: tl.constexpr,
+        DOT_F32: tl.constexpr,
+        EMU: tl.constexpr,
+    ):
         """o = [r +] round(prologue(x) @ w.T [+ b]); x (M, K) ((M, 2K) for SwiGLU: gate | up)."""
         dt = x_ptr.dtype.element_ty
         rm = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -135,7 +163,9 @@ if triton is not None:
             ss = tl.zeros([BLOCK_M], tl.float32)
             for k0 in range(0, K, BLOCK_K):
                 kk = k0 + rk
-                xk = tl.load(x_rows + kk[None, :], mask=m_ok[:, None] & (kk < K)[None, :], other=0.0).to(tl.float32)
+                xk = tl.load(x_rows + kk[None, :], mask=m_ok[:, None] & (kk < K)[None, :], other=0.0).to(
+                    tl.float32
+                )
                 ss += tl.sum(xk * xk, axis=1)
             rstd = 1.0 / tl.sqrt_rn(ss / K + eps)
         acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
@@ -172,10 +202,38 @@ if triton is not None:
     # slots / tables / ctx are columns of the graphs' input buffer (tables' row stride is the bucket's
     # block count) and max_ctx changes with the bucket: not specialized. The cache strides are fixed.
     @triton.jit(do_not_specialize=["s_slot", "s_tb", "s_ctx", "max_ctx"])
-    def _decode_attention(qkv_ptr, cos_ptr, sin_ptr, k_ptr, v_ptr, slots_ptr, tables_ptr, ctx_ptr, out_ptr,
-                          s_qkv, s_cos, s_sin, s_kblk, s_ktok, s_kh, s_slot, s_tb, s_ctx, s_ob, s_oh, scale,
-                          max_ctx, H: tl.constexpr, HKV: tl.constexpr, N_REP: tl.constexpr, R_PAD: tl.constexpr,
-                          BS: tl.constexpr, D: tl.constexpr, TILE: tl.constexpr, EMU: tl.constexpr):
+    def _decode_attention(
+        qkv_ptr,
+        cos_ptr,
+        sin_ptr,
+        k_ptr,
+        v_ptr,
+        slots_ptr,
+        tables_ptr,
+        ctx_ptr,
+        out_ptr,
+        s_qkv,
+        s_cos,
+        s_sin,
+        s_kblk,
+        s_ktok,
+        s_kh,
+        s_slot,
+        s_tb,
+        s_ctx,
+        s_ob,
+        s_oh,
+        scale,
+        max_ctx,
+        H: tl.constexpr,
+        HKV: tl.constexpr,
+        N_REP: tl.constexpr,
+        R_PAD: tl.constexpr,
+        BS: tl.constexpr,
+        D: tl.constexpr,
+        TILE: tl.constexpr,
+        EMU: tl.constexpr,
+    ):
         """One program per (sequence, kv head): RoPE, KV write, attention of its N_REP query heads."""
         b = tl.program_id(0)
         kvh = tl.program_id(1)
@@ -239,57 +297,106 @@ def _need(cond: bool, msg: str) -> None:
         raise ValueError(msg)
 
 
-def _launch_linear(prologue: int, x: torch.Tensor, norm_w: torch.Tensor | None, eps: float, w: torch.Tensor,
-                   bias: torch.Tensor | None, res: torch.Tensor | None, out: torch.Tensor | None,
-                   out_dtype: torch.dtype | None, cfg: LinearConfig | None = None) -> torch.Tensor:
+def _launch_linear(
+    prologue: int,
+    x: torch.Tensor,
+    norm_w: torch.Tensor | None,
+    eps: float,
+    w: torch.Tensor,
+    bias: torch.Tensor | None,
+    res: torch.Tensor | None,
+    out: torch.Tensor | None,
+    out_dtype: torch.dtype | None,
+    cfg: LinearConfig | None = None,
+) -> torch.Tensor:
     name = ("linear_residual", "norm_linear", "swiglu_linear_residual")[prologue]
-    _need(x.dim() == 2 and w.dim() == 2, f"{name}: x and w must be 2-D, got {tuple(x.shape)} and {tuple(w.shape)}")
+    _need(
+        x.dim() == 2 and w.dim() == 2,
+        f"{name}: x and w must be 2-D, got {tuple(x.shape)} and {tuple(w.shape)}",
+    )
     M, Kx = x.shape
     N, K = w.shape
-    _need(Kx == (2 * K if prologue == _SWIGLU else K),
-          f"{name}: x {tuple(x.shape)} does not match the weight {tuple(w.shape)}")
+    _need(
+        Kx == (2 * K if prologue == _SWIGLU else K),
+        f"{name}: x {tuple(x.shape)} does not match the weight {tuple(w.shape)}",
+    )
     _need(x.dtype == w.dtype, f"{name}: x is {x.dtype} but the weight is {w.dtype}")
     _need(x.stride(1) == 1 and w.stride(1) == 1, f"{name}: x and w need a contiguous last dimension")
     if norm_w is not None:
-        _need(norm_w.shape == (K,) and norm_w.is_contiguous(), f"{name}: norm weight must be ({K},) contiguous")
+        _need(
+            norm_w.shape == (K,) and norm_w.is_contiguous(), f"{name}: norm weight must be ({K},) contiguous"
+        )
     if bias is not None:
         _need(bias.shape == (N,) and bias.is_contiguous(), f"{name}: bias must be ({N},) contiguous")
     if res is not None:
-        _need(res.shape == (M, N) and res.dtype == x.dtype and res.stride(1) == 1,
-              f"{name}: res must be ({M}, {N}) {x.dtype} with a contiguous last dimension")
+        _need(
+            res.shape == (M, N) and res.dtype == x.dtype and res.stride(1) == 1,
+            f"{name}: res must be ({M}, {N}) {x.dtype} with a contiguous last dimension",
+        )
     if out is None:
         out = torch.empty(M, N, dtype=out_dtype or x.dtype, device=x.device)
-    _need(out.shape == (M, N) and out.stride(1) == 1,
-          f"{name}: out must be ({M}, {N}) with a contiguous last dimension")
+    _need(
+        out.shape == (M, N) and out.stride(1) == 1,
+        f"{name}: out must be ({M}, {N}) with a contiguous last dimension",
+    )
     cfg = cfg or linear_config(M, N, K)
     grid = (triton.cdiv(N, cfg.block_n), triton.cdiv(M, cfg.block_m))
     _fused_linear[grid](
-        x, x if norm_w is None else norm_w, w, x if bias is None else bias, x if res is None else res, out,
-        M, N, K, x.stride(0), w.stride(0), 0 if res is None else res.stride(0), out.stride(0), float(eps),
-        PROLOGUE=prologue, HAS_BIAS=bias is not None, HAS_RES=res is not None,
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-        PRECISION="ieee" if x.dtype == torch.float32 else "tf32",  # fp32 as F.linear (no TF32); 16-bit: unused
-        DOT_F32=_INTERPRETED and x.dtype == torch.bfloat16, EMU=_INTERPRETED,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        x,
+        x if norm_w is None else norm_w,
+        w,
+        x if bias is None else bias,
+        x if res is None else res,
+        out,
+        M,
+        N,
+        K,
+        x.stride(0),
+        w.stride(0),
+        0 if res is None else res.stride(0),
+        out.stride(0),
+        float(eps),
+        PROLOGUE=prologue,
+        HAS_BIAS=bias is not None,
+        HAS_RES=res is not None,
+        BLOCK_M=cfg.block_m,
+        BLOCK_N=cfg.block_n,
+        BLOCK_K=cfg.block_k,
+        PRECISION="ieee"
+        if x.dtype == torch.float32
+        else "tf32",  # fp32 as F.linear (no TF32); 16-bit: unused
+        DOT_F32=_INTERPRETED and x.dtype == torch.bfloat16,
+        EMU=_INTERPRETED,
+        num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
     )
     return out
 
 
-def norm_linear(x: torch.Tensor, norm_w: torch.Tensor, eps: float, w: torch.Tensor, bias: torch.Tensor | None = None,
-                out: torch.Tensor | None = None, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+def norm_linear(
+    x: torch.Tensor,
+    norm_w: torch.Tensor,
+    eps: float,
+    w: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+    out_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
     """``F.linear(fused_model.rms_norm(x, norm_w, eps), w, bias)`` in one kernel: x (M, K), w (N, K)
     -> (M, N) rounded to x.dtype, then cast to ``out_dtype`` (e.g. fp32 logits) when given."""
     return _launch_linear(_NORM, x, norm_w, eps, w, bias, None, out, out_dtype)
 
 
-def linear_residual(a: torch.Tensor, w: torch.Tensor, res: torch.Tensor,
-                    out: torch.Tensor | None = None) -> torch.Tensor:
+def linear_residual(
+    a: torch.Tensor, w: torch.Tensor, res: torch.Tensor, out: torch.Tensor | None = None
+) -> torch.Tensor:
     """``res + F.linear(a, w)``: a (M, K), w (N, K), res (M, N); ``out`` may be ``res`` itself."""
     return _launch_linear(_PLAIN, a, None, 0.0, w, None, res, out, None)
 
 
-def swiglu_linear_residual(gu: torch.Tensor, w: torch.Tensor, res: torch.Tensor,
-                           out: torch.Tensor | None = None) -> torch.Tensor:
+def swiglu_linear_residual(
+    gu: torch.Tensor, w: torch.Tensor, res: torch.Tensor, out: torch.Tensor | None = None
+) -> torch.Tensor:
     """``res + F.linear(F.silu(g) * u, w)`` with ``g, u = gu.chunk(2, -1)``: gu (M, 2F), w (N, F),
     res (M, N); the activation is computed tile by tile in the matmul (no (M, F) intermediate)."""
     return _launch_linear(_SWIGLU, gu, None, 0.0, w, None, res, out, None)
@@ -300,39 +407,84 @@ def _attention_tile(r_pad: int, d: int) -> int:
     return max(16, min(64, 4096 // (r_pad * d)))
 
 
-def decode_attention(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
-                     v_cache: torch.Tensor, slots: torch.Tensor, tables: torch.Tensor, ctx: torch.Tensor,
-                     out: torch.Tensor | None = None) -> torch.Tensor:
+def decode_attention(
+    qkv: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slots: torch.Tensor,
+    tables: torch.Tensor,
+    ctx: torch.Tensor,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
     """One new token per sequence: qkv (B, (H + 2 Hkv) D) (q heads, k heads, v heads); cos/sin (B, D)
     or (B, 1, D); caches (NB, BS, Hkv, D); slots (B,) flat slot of the new token; tables (B, nb)
     block ids; ctx (B,) tokens attended including the new one (at position ctx - 1). Ropes q and k
     (``fused_model.rope``), writes k and v to ``slots`` of the caches and returns the attention
     output (B, H, D). Any of the index tensors may be strided views."""
-    _need(k_cache.dim() == 4 and v_cache.shape == k_cache.shape and v_cache.stride() == k_cache.stride()
-          and k_cache.stride(3) == 1, "decode_attention: caches must be (NB, BS, Hkv, D) alike, head dim contiguous")
+    _need(
+        k_cache.dim() == 4
+        and v_cache.shape == k_cache.shape
+        and v_cache.stride() == k_cache.stride()
+        and k_cache.stride(3) == 1,
+        "decode_attention: caches must be (NB, BS, Hkv, D) alike, head dim contiguous",
+    )
     _, BS, Hkv, D = k_cache.shape
     _need(D & (D - 1) == 0, f"decode_attention: head_dim {D} is not a power of two")
-    _need(qkv.dim() == 2 and qkv.stride(1) == 1 and qkv.shape[1] % D == 0 and qkv.shape[1] // D > 2 * Hkv,
-          f"decode_attention: qkv {tuple(qkv.shape)} is not (B, (H + 2 * {Hkv}) * {D}) with a contiguous last dim")
+    _need(
+        qkv.dim() == 2 and qkv.stride(1) == 1 and qkv.shape[1] % D == 0 and qkv.shape[1] // D > 2 * Hkv,
+        f"decode_attention: qkv {tuple(qkv.shape)} is not (B, (H + 2 * {Hkv}) * {D}) with a contiguous last dim",
+    )
     B = qkv.shape[0]
     H = qkv.shape[1] // D - 2 * Hkv
     _need(H % Hkv == 0, f"decode_attention: {H} query heads do not divide into {Hkv} kv heads")
     cos2, sin2 = cos.reshape(cos.shape[0], -1), sin.reshape(sin.shape[0], -1)
-    _need(cos2.shape == (B, D) and sin2.shape == (B, D) and cos2.stride(1) == 1 and sin2.stride(1) == 1,
-          f"decode_attention: cos/sin must be ({B}, [1,] {D}) with a contiguous last dim")
-    _need(slots.shape == (B,) and ctx.shape == (B,) and tables.dim() == 2 and tables.shape[0] == B,
-          f"decode_attention: slots and ctx must be ({B},), tables ({B}, nb)")
+    _need(
+        cos2.shape == (B, D) and sin2.shape == (B, D) and cos2.stride(1) == 1 and sin2.stride(1) == 1,
+        f"decode_attention: cos/sin must be ({B}, [1,] {D}) with a contiguous last dim",
+    )
+    _need(
+        slots.shape == (B,) and ctx.shape == (B,) and tables.dim() == 2 and tables.shape[0] == B,
+        f"decode_attention: slots and ctx must be ({B},), tables ({B}, nb)",
+    )
     if out is None:
         out = torch.empty(B, H, D, dtype=qkv.dtype, device=qkv.device)
     _need(out.shape == (B, H, D) and out.stride(2) == 1, f"decode_attention: out must be ({B}, {H}, {D})")
     n_rep = H // Hkv
     r_pad = triton.next_power_of_2(n_rep)
     _decode_attention[(B, Hkv)](
-        qkv, cos2, sin2, k_cache, v_cache, slots, tables, ctx, out,
-        qkv.stride(0), cos2.stride(0), sin2.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        slots.stride(0), tables.stride(0), ctx.stride(0), out.stride(0), out.stride(1), D**-0.5,
-        tables.shape[1] * BS, H=H, HKV=Hkv, N_REP=n_rep, R_PAD=r_pad, BS=BS, D=D, TILE=_attention_tile(r_pad, D),
-        EMU=_INTERPRETED, num_warps=4,
+        qkv,
+        cos2,
+        sin2,
+        k_cache,
+        v_cache,
+        slots,
+        tables,
+        ctx,
+        out,
+        qkv.stride(0),
+        cos2.stride(0),
+        sin2.stride(0),
+        k_cache.stride(0),
+        k_cache.stride(1),
+        k_cache.stride(2),
+        slots.stride(0),
+        tables.stride(0),
+        ctx.stride(0),
+        out.stride(0),
+        out.stride(1),
+        D**-0.5,
+        tables.shape[1] * BS,
+        H=H,
+        HKV=Hkv,
+        N_REP=n_rep,
+        R_PAD=r_pad,
+        BS=BS,
+        D=D,
+        TILE=_attention_tile(r_pad, D),
+        EMU=_INTERPRETED,
+        num_warps=4,
     )
     return out
 
@@ -403,8 +555,14 @@ def _candidates(base: LinearConfig, N: int) -> list[LinearConfig]:
     return out
 
 
-def sweep(layers: int = 12, ctx_len: int = 256, parts: str = "gemm,attn,step", search: bool = True,
-          dtype: torch.dtype = torch.bfloat16, device: str = "cuda") -> None:
+def sweep(
+    layers: int = 12,
+    ctx_len: int = 256,
+    parts: str = "gemm,attn,step",
+    search: bool = True,
+    dtype: torch.dtype = torch.bfloat16,
+    device: str = "cuda",
+) -> None:
     """Times each kernel for the ``base`` shapes (d 768, 12 heads of 64, d_ff 2048, vocab 32000) at
     M = 1, 8, 64 against the torch path (same math, eager ops) and cuBLAS alone (``F.linear``), every
     variant captured in a CUDA graph over L2-cold weight copies; tries a few block configs per GEMM;
@@ -431,10 +589,16 @@ def _sweep_gemms(rnd, search: bool) -> None:
 
     d, F_, V, eps = _BASE["d"], _BASE["F"], _BASE["V"], _BASE["eps"]
     print("# GEMMs, µs per call, L2-cold weights")
-    print(f"{'kernel':<24}{'M':>4}{'torch':>9}{'cuBLAS':>9}{'triton':>9}{'x torch':>9}{'best':>9}  best config")
-    gemms = [("norm_linear qkv", _NORM, 3 * d, d, True), ("linear_residual o", _PLAIN, d, d, False),
-             ("norm_linear gate_up", _NORM, 2 * F_, d, False), ("swiglu_linear_res down", _SWIGLU, d, F_, False),
-             ("norm_linear lm_head", _NORM, V, d, False)]
+    print(
+        f"{'kernel':<24}{'M':>4}{'torch':>9}{'cuBLAS':>9}{'triton':>9}{'x torch':>9}{'best':>9}  best config"
+    )
+    gemms = [
+        ("norm_linear qkv", _NORM, 3 * d, d, True),
+        ("linear_residual o", _PLAIN, d, d, False),
+        ("norm_linear gate_up", _NORM, 2 * F_, d, False),
+        ("swiglu_linear_res down", _SWIGLU, d, F_, False),
+        ("norm_linear lm_head", _NORM, V, d, False),
+    ]
     for name, prologue, N, K, has_bias in gemms:
         ws = [rnd(N, K, scale=K**-0.5) for _ in range(_copies(N * K * 2))]
         nw, bias = rnd(K).abs_() + 0.5, (rnd(N) if has_bias else None)
@@ -455,8 +619,9 @@ def _sweep_gemms(rnd, search: bool) -> None:
             a_plain = x[:, :K].contiguous()
 
             def triton_call(w, cfg, x=x, res=res, prologue=prologue, nw=nw, bias=bias, out_dtype=out_dtype):
-                return _launch_linear(prologue, x, nw if prologue == _NORM else None, eps, w, bias, res, None,
-                                      out_dtype, cfg)
+                return _launch_linear(
+                    prologue, x, nw if prologue == _NORM else None, eps, w, bias, res, None, out_dtype, cfg
+                )
 
             def t(call, ws=ws):  # µs per call, cycling through the weight copies
                 return _graph_us(lambda: [call(w) for w in ws]) / len(ws)
@@ -473,8 +638,10 @@ def _sweep_gemms(rnd, search: bool) -> None:
                     continue
                 if us < best:
                     best, best_cfg = us, cfg
-            print(f"{name:<24}{M:>4}{t_torch:>9.2f}{t_cublas:>9.2f}{t_tri:>9.2f}{t_torch / t_tri:>9.2f}{best:>9.2f}  "
-                  f"{tuple(best_cfg)}")
+            print(
+                f"{name:<24}{M:>4}{t_torch:>9.2f}{t_cublas:>9.2f}{t_tri:>9.2f}{t_torch / t_tri:>9.2f}{best:>9.2f}  "
+                f"{tuple(best_cfg)}"
+            )
         del ws
 
 
@@ -504,8 +671,11 @@ def _sweep_attention(rnd, gen, ctx_len: int) -> None:
             return paged_decode_attention(qk[:, :H], kc, vc, tables, ctx)
 
         t_ref = _graph_us(ref)
-        t_tri = _graph_us(lambda qkv=qkv, cos=cos, sin=sin, kc=kc, vc=vc, slots=slots, tables=tables, ctx=ctx:
-                          decode_attention(qkv, cos, sin, kc, vc, slots, tables, ctx))
+        t_tri = _graph_us(
+            lambda qkv=qkv, cos=cos, sin=sin, kc=kc, vc=vc, slots=slots, tables=tables, ctx=ctx: (
+                decode_attention(qkv, cos, sin, kc, vc, slots, tables, ctx)
+            )
+        )
         print(f"{B:>4}{t_ref:>13.2f}{t_tri:>9.2f}{t_ref / t_tri:>7.2f}")
 
 
@@ -517,10 +687,22 @@ def _sweep_step(rnd, gen, layers: int, ctx_len: int) -> None:
     d, H, Hkv, D, F_, V, BS, eps = (_BASE[k] for k in ("d", "H", "H", "D", "F", "V", "BS", "eps"))
     dev = gen.device
     nb = -(-ctx_len // BS)
-    print(f"\n# whole decode step: {layers} layers + final norm + LM head (fp32 logits), context {ctx_len}, µs")
+    print(
+        f"\n# whole decode step: {layers} layers + final norm + LM head (fp32 logits), context {ctx_len}, µs"
+    )
     print(f"{'B':>4}{'torch(paged)':>14}{'triton':>9}{'x':>7}{'max |dlogit|':>14}")
-    ws = [(rnd(d).abs_() + 0.5, rnd(3 * d, d, scale=d**-0.5), rnd(3 * d), rnd(d, d, scale=d**-0.5),
-           rnd(d).abs_() + 0.5, rnd(2 * F_, d, scale=d**-0.5), rnd(d, F_, scale=F_**-0.5)) for _ in range(layers)]
+    ws = [
+        (
+            rnd(d).abs_() + 0.5,
+            rnd(3 * d, d, scale=d**-0.5),
+            rnd(3 * d),
+            rnd(d, d, scale=d**-0.5),
+            rnd(d).abs_() + 0.5,
+            rnd(2 * F_, d, scale=d**-0.5),
+            rnd(d, F_, scale=F_**-0.5),
+        )
+        for _ in range(layers)
+    ]
     norm_w, lm = rnd(d).abs_() + 0.5, rnd(V, d, scale=d**-0.5)
     ref_layer = make_decode_layer(H, Hkv, D, eps, compile=False, paged=True)
     tri_layer = make_triton_decode_layer(H, Hkv, D, eps)
@@ -557,7 +739,9 @@ if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--layers", type=int, default=12)
     p.add_argument("--ctx", type=int, default=256, help="context length of every sequence")
-    p.add_argument("--parts", default="gemm,attn,step", help="which tables: gemm, attn, step (comma-separated)")
+    p.add_argument(
+        "--parts", default="gemm,attn,step", help="which tables: gemm, attn, step (comma-separated)"
+    )
     p.add_argument("--no-search", action="store_true", help="time only the heuristic's GEMM block configs")
     args = p.parse_args()
     if not torch.cuda.is_available() or triton is None:

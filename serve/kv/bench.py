@@ -153,7 +153,12 @@ class Backends:
 
 # -- 1 + 2: TTFT and break-even -----------------------------------------------------------------------
 POLICIES = ("always", "cost")
-DECISIONS = {"decided_fetch": "fetch", "decided_skip_cost": "skip", "decided_probe": "probe", "fetch_skipped": "floor"}
+DECISIONS = {
+    "decided_fetch": "fetch",
+    "decided_skip_cost": "skip",
+    "decided_probe": "probe",
+    "fetch_skipped": "floor",
+}
 
 
 def calibrate(eng: LLMEngine, vocab: int, max_blocks: int, rounds: int) -> None:
@@ -191,7 +196,9 @@ def bench_ttft(model: Transformer, args: argparse.Namespace, backends: Backends)
             publisher = make_engine(model, cfg, stores[name], policy="always")
             publisher.generate([prefix + tail], ONE)
             publisher.kv_connector.flush(60)
-            keys = make_keys(publisher.kv_connector.namespace, block_hashes(prefix, 16, publisher.model_id)[:full])
+            keys = make_keys(
+                publisher.kv_connector.namespace, block_hashes(prefix, 16, publisher.model_id)[:full]
+            )
             fetch[name] = get_latency(stores[name], keys, 20)
             publisher.kv_connector.close()
             for policy in POLICIES:
@@ -214,14 +221,16 @@ def bench_ttft(model: Transformer, args: argparse.Namespace, backends: Backends)
         rows = []
         for name in backends.names:
             cost = engines[f"{name}/cost"].kv_connector
-            rows.append({
-                "backend": name,
-                "get_ms": fetch[name] * 1e3,
-                "hit": {policy: res[f"{name}/{policy}"] for policy in POLICIES},
-                "decisions": {policy: decided[f"{name}/{policy}"] for policy in POLICIES},
-                "predict": {n: cost.predict(n) for n in sizes},
-                "estimates": cost.estimates(),
-            })
+            rows.append(
+                {
+                    "backend": name,
+                    "get_ms": fetch[name] * 1e3,
+                    "hit": {policy: res[f"{name}/{policy}"] for policy in POLICIES},
+                    "decisions": {policy: decided[f"{name}/{policy}"] for policy in POLICIES},
+                    "predict": {n: cost.predict(n) for n in sizes},
+                    "estimates": cost.estimates(),
+                }
+            )
     finally:
         for name, store in stores.items():
             for policy in POLICIES:
@@ -257,7 +266,9 @@ def print_ttft(res: list[dict[str, Any]], args: argparse.Namespace) -> None:
         f"\n## TTFT, {full * 16}-token prefix computed by another engine ({args.model}, {DEVICE['device']}, "
         f"{DEVICE['dtype']}, {args.stat} of {args.repeats} wall-clock runs)\n"
     )
-    print(f"| backend | fetch_policy | TTFT (ms) | recompute TTFT (ms) | speedup | decisions | one get of {full} blocks (ms) |")
+    print(
+        f"| backend | fetch_policy | TTFT (ms) | recompute TTFT (ms) | speedup | decisions | one get of {full} blocks (ms) |"
+    )
     print("|---|---|---:|---:|---:|---|---:|")
     for row in res[1:]:
         for policy in POLICIES:
@@ -282,9 +293,12 @@ def print_ttft(res: list[dict[str, Any]], args: argparse.Namespace) -> None:
         )
         if not e["recompute_samples"]:
             print("\n(the engine reported no prefill steps: the cost model decided on its priors)")
-    print("\n## Break-even: TTFT (ms) of a prompt of N blocks (fetched or recomputed) + 1 token, both policies\n")
+    print(
+        "\n## Break-even: TTFT (ms) of a prompt of N blocks (fetched or recomputed) + 1 token, both policies\n"
+    )
     head = " | ".join(
-        f"{r['backend']} always | {r['backend']} cost | cost decisions | predicted fetch / saved (ms)" for r in res[1:]
+        f"{r['backend']} always | {r['backend']} cost | cost decisions | predicted fetch / saved (ms)"
+        for r in res[1:]
     )
     print(f"| blocks | recompute | {head} |")
     print("|---:|---:|" + "---:|---:|---|---:|" * (len(res) - 1))
@@ -397,7 +411,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prefix-tokens", type=int, default=1024)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument(
-        "--calibrate", type=int, default=2, help="rounds of misses of 1..N blocks the cost engine serves first"
+        "--calibrate",
+        type=int,
+        default=2,
+        help="rounds of misses of 1..N blocks the cost engine serves first",
     )
     p.add_argument("--backends", default="memory,ray-refs,ray-bytes,redis")
     p.add_argument("--replicas", type=int, default=4)
@@ -411,8 +428,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--imbalance-abs", type=int, default=RouterConfig().imbalance_abs, help="router.imbalance_abs"
     )
-    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="engine device (the store stays in host memory)")
-    p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None, help="default: float32 on CPU, bfloat16 on CUDA")
+    p.add_argument(
+        "--device",
+        choices=["cpu", "cuda"],
+        default="cpu",
+        help="engine device (the store stays in host memory)",
+    )
+    p.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16"],
+        default=None,
+        help="default: float32 on CPU, bfloat16 on CUDA",
+    )
     p.add_argument("--skip-ttft", action="store_true")
     p.add_argument("--skip-routing", action="store_true")
     p.add_argument(
@@ -422,7 +449,9 @@ def main(argv: list[str] | None = None) -> int:
         "--stat", choices=["median", "min"], default="median", help="TTFT statistic over --repeats"
     )
     args = p.parse_args(argv)
-    DEVICE.update(device=args.device, dtype=args.dtype or ("bfloat16" if args.device == "cuda" else "float32"))
+    DEVICE.update(
+        device=args.device, dtype=args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
+    )
     torch.set_num_threads(args.threads)
     seq_len = max(args.prefix_tokens + 64, args.system_tokens + args.suffix_tokens + args.output_tokens + 16)
     model = Transformer(preset(args.model, max_seq_len=max(seq_len, 512))).init_weights(0).eval()

@@ -166,8 +166,15 @@ class EnvelopeFit:
                 low[k] = (ox, oy)
         pts = list(low.values())
         if len(pts) >= 2:
-            self.slope = max(statistics.median((y2 - y1) / (x2 - x1) for i, (x1, y1) in enumerate(pts)
-                                               for x2, y2 in pts[i + 1:] if x2 != x1), 0.0)
+            self.slope = max(
+                statistics.median(
+                    (y2 - y1) / (x2 - x1)
+                    for i, (x1, y1) in enumerate(pts)
+                    for x2, y2 in pts[i + 1 :]
+                    if x2 != x1
+                ),
+                0.0,
+            )
         self.b = self.slope
         self.a = max(statistics.median(py - self.b * px for px, py in pts), 0.0)
 
@@ -223,7 +230,11 @@ class FetchCostModel:
         ever); where fetching the most wins, None: the fetch worker decides on what remains."""
         with self._lock:
             fetch_s, saved_s = self.fetch(nbytes), self.recompute.b * tokens
-            if self.policy == "always" or not self.fetches_measured or fetch_s * self.cfg.safety_factor < saved_s:
+            if (
+                self.policy == "always"
+                or not self.fetches_measured
+                or fetch_s * self.cfg.safety_factor < saved_s
+            ):
                 if upfront:
                     return None
                 self.skips, self.probe_after = 0, 1
@@ -302,7 +313,9 @@ class KVConnector:
         self.cost = FetchCostModel(self.cfg.fetch_cost, self.cfg.fetch_policy)
         self.stats.estimates = self.estimates  # type: ignore[attr-defined] - shown by stats.as_dict()
         self._stats_lock = threading.Lock()  # the step thread, fetch workers and the publisher all count
-        self._decision_metrics: dict[str, Any] | None = {} if getattr(store, "metrics", None) is not None else None
+        self._decision_metrics: dict[str, Any] | None = (
+            {} if getattr(store, "metrics", None) is not None else None
+        )
         self.kv: Any = None
         self._layout: BlockLayout | None = None
         self.namespace = b""
@@ -443,7 +456,9 @@ class KVConnector:
         """The cost model's current estimates and the break-even they imply for this engine's blocks."""
         out = self.cost.estimates()
         if self._layout is not None:
-            out["break_even_blocks"] = self.cost.break_even_blocks(self.layout.block_size, self.layout.record_bytes)
+            out["break_even_blocks"] = self.cost.break_even_blocks(
+                self.layout.block_size, self.layout.record_bytes
+            )
             out["min_fetch_blocks"] = self.cfg.min_fetch_blocks
         return out
 

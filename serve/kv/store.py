@@ -118,8 +118,10 @@ def encode_blocks(
     raw = both.reshape(n, -1).view(torch.uint8)  # (n, payload_bytes)
     sums = payload_checksums(raw).tolist()
     code = DTYPE_CODES[layout.dtype]
-    return [_HEADER.pack(MAGIC, code, *layout.shape, key, sums[i]) + raw[i].numpy().tobytes()
-            for i, key in enumerate(keys)]
+    return [
+        _HEADER.pack(MAGIC, code, *layout.shape, key, sums[i]) + raw[i].numpy().tobytes()
+        for i, key in enumerate(keys)
+    ]
 
 
 def check_record(layout: BlockLayout, key: bytes, record: Any) -> tuple[memoryview, int]:
@@ -141,7 +143,10 @@ def check_record(layout: BlockLayout, key: bytes, record: Any) -> tuple[memoryvi
 
 
 def decode_blocks(
-    layout: BlockLayout, keys: Sequence[bytes], records: Sequence[Any], device: torch.device | str | None = None,
+    layout: BlockLayout,
+    keys: Sequence[bytes],
+    records: Sequence[Any],
+    device: torch.device | str | None = None,
     staging: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Records -> ``k``, ``v`` each ``(n_layers, n, block_size, n_kv_heads, head_dim)`` on ``device``
@@ -168,7 +173,9 @@ def decode_blocks(
             buf[i].copy_(torch.frombuffer(payload, dtype=torch.uint8))
             want.append(checksum)
     buf = buf.to(device, non_blocking=True)
-    bad = (payload_checksums(buf) != torch.tensor(want, dtype=torch.int64).to(device, non_blocking=True)).nonzero()
+    bad = (
+        payload_checksums(buf) != torch.tensor(want, dtype=torch.int64).to(device, non_blocking=True)
+    ).nonzero()
     if len(bad):
         raise BadBlock(f"record {int(bad[0])} of {n}: payload checksum mismatch")
     blocks = buf.view(layout.dtype).reshape(n, *layout.shape)  # (n, L, 2, bs, h, d)

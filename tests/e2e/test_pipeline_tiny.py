@@ -21,24 +21,41 @@ REPO = Path(__file__).resolve().parents[2]
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 SECTIONS = [
-    "Stages", "Models in the registry", "Knowledge distillation vs training from scratch", "Memory by precision",
-    "Quantization error by bit width", "Optimization pipeline (measured)", "Serving under load", "Cost analysis",
+    "Stages",
+    "Models in the registry",
+    "Knowledge distillation vs training from scratch",
+    "Memory by precision",
+    "Quantization error by bit width",
+    "Optimization pipeline (measured)",
+    "Serving under load",
+    "Cost analysis",
     "Memory-bandwidth analysis of the served model",
 ]
 
 
 def _run(args, env, timeout):
-    return subprocess.run([sys.executable, "-m", "cluster.cli", *args], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "cluster.cli", *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 @pytest.fixture(scope="module")
 def pipeline_run(ray_cluster, tmp_path_factory):
     work = tmp_path_factory.mktemp("pipe")
     port = free_port()
-    env = {**ray_cluster.subprocess_env(), "RETORT_REGISTRY": str(work / "registry"), "RETORT_HOME": str(work / "home")}
+    env = {
+        **ray_cluster.subprocess_env(),
+        "RETORT_REGISTRY": str(work / "registry"),
+        "RETORT_HOME": str(work / "home"),
+    }
     overrides = [
-        "cluster.enabled=false", f"runs_dir={work / 'runs'}",
+        "cluster.enabled=false",
+        f"runs_dir={work / 'runs'}",
         f"serve.overrides=[http.port={port}]",
         f"distill.overrides=[run_dir={work / 'distill'}]",
         f"baseline.overrides=[loss.alpha=0.0, publish_name=student-tiny-nokd, publish_alias=null, "
@@ -81,8 +98,11 @@ def test_served_model_answers_openai_client(pipeline_run):
 def test_rerun_resumes_in_seconds(pipeline_run):
     assert pipeline_run["first"].returncode == 0
     t0 = time.monotonic()
-    again = _run(["pipeline", "-c", "configs/pipeline/tiny.yaml", *pipeline_run["overrides"]], pipeline_run["env"],
-                 timeout=600)
+    again = _run(
+        ["pipeline", "-c", "configs/pipeline/tiny.yaml", *pipeline_run["overrides"]],
+        pipeline_run["env"],
+        timeout=600,
+    )
     seconds = time.monotonic() - t0
     assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
     skipped = [ln for ln in again.stdout.splitlines() if ln.startswith("↷")]

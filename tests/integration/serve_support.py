@@ -32,12 +32,20 @@ def make_checkpoint(out: Path, seed: int = 0, max_seq_len: int | None = None) ->
     return out
 
 
-def publish_tiny(registry_root: Path, work: Path, name: str = "student", alias: str = "production",
-                 seed: int = 0, max_seq_len: int | None = None) -> str:
+def publish_tiny(
+    registry_root: Path,
+    work: Path,
+    name: str = "student",
+    alias: str = "production",
+    seed: int = 0,
+    max_seq_len: int | None = None,
+) -> str:
     from cluster.registry import open_registry
 
     reg = open_registry(root=str(registry_root), cache_dir=str(registry_root / ".cache"))
-    ref = reg.publish(name, make_checkpoint(work / f"{name}-{seed}", seed, max_seq_len), lineage={}, metrics={})
+    ref = reg.publish(
+        name, make_checkpoint(work / f"{name}-{seed}", seed, max_seq_len), lineage={}, metrics={}
+    )
     reg.promote(ref.name, ref.version, alias)
     return str(ref)
 
@@ -45,8 +53,11 @@ def publish_tiny(registry_root: Path, work: Path, name: str = "student", alias: 
 def serve_args(registry_root: Path, **overrides: Any) -> dict[str, Any]:
     """build_app args for configs/serve/tiny.yaml pointed at ``registry_root``."""
     repo = Path(__file__).resolve().parents[2]
-    args: dict[str, Any] = {"config": str(repo / "configs/serve/tiny.yaml"),
-                            "registry.root": str(registry_root), "registry.cache_dir": str(registry_root / ".cache")}
+    args: dict[str, Any] = {
+        "config": str(repo / "configs/serve/tiny.yaml"),
+        "registry.root": str(registry_root),
+        "registry.cache_dir": str(registry_root / ".cache"),
+    }
     args.update(overrides)
     return args
 

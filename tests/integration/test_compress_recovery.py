@@ -18,7 +18,11 @@ from test_distill import TINY_DATA, losses, make_cfg, world  # noqa: F401 - worl
 
 pytestmark = pytest.mark.integration
 
-PRUNE = {"method": "structured", "sparsity": 0.5, "head_sparsity": 0.5}  # tiny: d_ff 192 -> 96, 4 -> 2 query heads
+PRUNE = {
+    "method": "structured",
+    "sparsity": 0.5,
+    "head_sparsity": 0.5,
+}  # tiny: d_ff 192 -> 96, 4 -> 2 query heads
 
 
 @pytest.fixture(scope="module")
@@ -103,7 +107,9 @@ def test_student_init_bad_inputs_are_refused(world, pruned, tmp_path):  # noqa: 
     from cluster.tokenizer import train_tokenizer
     from train.distill.job import make_plan
 
-    with pytest.raises(RetortError, match=r"student_preset 'tiny' conflicts with student_init .*d_ff 192 != 96"):
+    with pytest.raises(
+        RetortError, match=r"student_preset 'tiny' conflicts with student_init .*d_ff 192 != 96"
+    ):
         make_plan(init_cfg(world, "init-preset", student_init=pruned["ref"], student_preset="tiny"), "test")
     with pytest.raises(RetortError, match="nosuchmodel"):
         make_plan(init_cfg(world, "init-unknown", student_init="nosuchmodel@latest"), "test")
@@ -118,10 +124,14 @@ def test_student_init_bad_inputs_are_refused(world, pruned, tmp_path):  # noqa: 
     shutil.copytree(pruned["dir"], short)
     hf = json.loads((short / "config.json").read_text())
     (short / "config.json").write_text(json.dumps({**hf, "max_position_embeddings": 32}))
-    with pytest.raises(ValueError, match=r"seq_len \(64\) > the student's max_seq_len \(32\)"):  # a dir: at validation
+    with pytest.raises(
+        ValueError, match=r"seq_len \(64\) > the student's max_seq_len \(32\)"
+    ):  # a dir: at validation
         init_cfg(world, "init-short", student_init=str(short))
     open_registry().publish("tshort", short, lineage={}, metrics={})
-    with pytest.raises(RetortError, match=r"student_init tshort:1: seq_len \(64\) > the student's max_seq_len \(32\)"):
+    with pytest.raises(
+        RetortError, match=r"student_init tshort:1: seq_len \(64\) > the student's max_seq_len \(32\)"
+    ):
         make_plan(init_cfg(world, "init-short-ref", student_init="tshort"), "test")  # a ref: once resolved
     quant = tmp_path / "quant"
     m = quantize_model(Transformer.from_pretrained(pruned["dir"]), "int8")
@@ -140,14 +150,35 @@ def test_distill_from_registry_ref_starts_at_the_init_models_loss(world, pruned)
     from train.distill.loop import Batches, Plan
     from train.distill.losses import DenseTeacher, kd_loss
 
-    cfg = init_cfg(world, "init-ref", student_init="tpruned@latest", num_workers=1, micro_batch_size=8, zero_stage=0,
-                   steps=3, checkpoint_every=3, warmup_steps=1, publish=True, publish_name="tstudent-init")
+    cfg = init_cfg(
+        world,
+        "init-ref",
+        student_init="tpruned@latest",
+        num_workers=1,
+        micro_batch_size=8,
+        zero_stage=0,
+        steps=3,
+        checkpoint_every=3,
+        warmup_steps=1,
+        publish=True,
+        publish_name="tstudent-init",
+    )
     final = run(cfg)
     rows = losses(cfg)
-    plan = Plan(data_dir=str(world["data"].dir), vocab_size=world["data"].vocab_size, teacher_dir=None, topk_dir=None,
-                config_hash="", job_id="", metrics_path="")
+    plan = Plan(
+        data_dir=str(world["data"].dir),
+        vocab_size=world["data"].vocab_size,
+        teacher_dir=None,
+        topk_dir=None,
+        config_hash="",
+        job_id="",
+        metrics_path="",
+    )
     x, y, _ = Batches(cfg, plan, dp_rank=0, start_step=0).next_step()[0]
-    init, teacher = Transformer.from_pretrained(pruned["dir"]), Transformer.from_pretrained(world["teacher_dir"])
+    init, teacher = (
+        Transformer.from_pretrained(pruned["dir"]),
+        Transformer.from_pretrained(world["teacher_dir"]),
+    )
     with torch.no_grad():
         want = kd_loss(init(x), DenseTeacher(teacher(x)), y, cfg.loss, vocab_size=plan.vocab_size)
     assert rows[1]["loss"] == pytest.approx(float(want["loss"]), rel=1e-4)
@@ -160,19 +191,40 @@ def test_distill_from_registry_ref_starts_at_the_init_models_loss(world, pruned)
 # ---------------------------------------------------------------------------------------------- compress: recovery
 
 
-EVAL = ["eval.max_tokens=4096", "eval.decode_prompt=4", "eval.decode_tokens=4", "eval.decode_batches=[1]",
-        "eval.isolate=false"]
-RECOVERY = ["recovery.enabled=true", "recovery.steps=40", "recovery.warmup_steps=4", "recovery.lr=3e-3",
-            "recovery.num_workers=1", "recovery.micro_batch_size=8"]
+EVAL = [
+    "eval.max_tokens=4096",
+    "eval.decode_prompt=4",
+    "eval.decode_tokens=4",
+    "eval.decode_batches=[1]",
+    "eval.isolate=false",
+]
+RECOVERY = [
+    "recovery.enabled=true",
+    "recovery.steps=40",
+    "recovery.warmup_steps=4",
+    "recovery.lr=3e-3",
+    "recovery.num_workers=1",
+    "recovery.micro_batch_size=8",
+]
 
 
 def test_compress_recovery_adds_a_better_recovered_row(world, source, ray_env, tmp_path, capsys):  # noqa: F811
     from train.compress.__main__ import main
 
-    variants = (f"[{{name: pruned, prune: {json.dumps(PRUNE)}, publish: false}}, "
-                f"{{name: pruned-int8, prune: {json.dumps(PRUNE)}, quant: {{scheme: int8}}, publish: false}}]")
-    args = ["-c", "configs/compress/tiny.yaml", "source=tsource", f"out_dir={tmp_path}", f"variants={variants}",
-            "fail_on_gate=false", *EVAL, *RECOVERY]
+    variants = (
+        f"[{{name: pruned, prune: {json.dumps(PRUNE)}, publish: false}}, "
+        f"{{name: pruned-int8, prune: {json.dumps(PRUNE)}, quant: {{scheme: int8}}, publish: false}}]"
+    )
+    args = [
+        "-c",
+        "configs/compress/tiny.yaml",
+        "source=tsource",
+        f"out_dir={tmp_path}",
+        f"variants={variants}",
+        "fail_on_gate=false",
+        *EVAL,
+        *RECOVERY,
+    ]
     assert main(args) == 0, capsys.readouterr().err[-2000:]
     out = capsys.readouterr().out
     assert "(2/5) recovery of pruned: distill the pruned model from tsource:1 (40 steps)" in out
@@ -190,7 +242,10 @@ def test_compress_recovery_adds_a_better_recovered_row(world, source, ray_env, t
         hf = json.loads((run_dir / name / "config.json").read_text())
         assert hf["recovery"]["teacher"] == "tsource:1" and hf["recovery"]["steps"] == 40
         assert hf["pruning"]["d_ff"] == 96 and hf["intermediate_size"] == 96
-    assert json.loads((run_dir / "pruned-int8" / "config.json").read_text())["quantization_config"]["scheme"] == "int8"
+    assert (
+        json.loads((run_dir / "pruned-int8" / "config.json").read_text())["quantization_config"]["scheme"]
+        == "int8"
+    )
 
 
 def test_compress_recovery_bad_inputs_exit_2(world, pruned, tmp_path, capsys):  # noqa: F811
@@ -199,11 +254,16 @@ def test_compress_recovery_bad_inputs_exit_2(world, pruned, tmp_path, capsys):  
     base = ["-c", "configs/compress/tiny.yaml", f"out_dir={tmp_path}", *EVAL]
     structured = f"variants=[{{name: p, prune: {json.dumps(PRUNE)}}}]"
     cases = [
-        (["source=tteacher", "recovery.enabled=true"], "recovery.enabled needs a variant with structured pruning"),
+        (
+            ["source=tteacher", "recovery.enabled=true"],
+            "recovery.enabled needs a variant with structured pruning",
+        ),
         (["source=nosuchmodel@latest", structured, "recovery.enabled=true"], "nosuchmodel"),
         ([f"source={pruned['dir']}", structured, "recovery.enabled=true"], "must be a registry ref"),
-        (["source=tteacher", structured, "recovery.enabled=true", "recovery.distill={teacher: x}"],
-         "recovery.distill may not set teacher"),
+        (
+            ["source=tteacher", structured, "recovery.enabled=true", "recovery.distill={teacher: x}"],
+            "recovery.distill may not set teacher",
+        ),
     ]
     for extra, msg in cases:
         assert main(base + extra) == 2, extra

@@ -21,7 +21,9 @@ pytestmark = pytest.mark.integration
 
 REPO = Path(__file__).resolve().parents[2]
 STEPS = 12
-TINY_DATA = dict(sources=["stdlib"], include_tests=False, max_bytes=2_500_000, val_fraction=0.1, vocab_size=512)
+TINY_DATA = dict(
+    sources=["stdlib"], include_tests=False, max_bytes=2_500_000, val_fraction=0.1, vocab_size=512
+)
 
 
 # ---------------------------------------------------------------------------------------------- fixtures
@@ -51,7 +53,9 @@ def world(tmp_path_factory, ray_cluster):
     torch.manual_seed(0)
     teacher = Transformer(preset("tiny")).init_weights(0)
     opt = torch.optim.AdamW(teacher.parameters(), lr=3e-3)
-    for _, xy in packed_batches(tokens, 64, 8, seed=1, max_steps=30):  # a few seconds: a teacher that knows something
+    for _, xy in packed_batches(
+        tokens, 64, 8, seed=1, max_steps=30
+    ):  # a few seconds: a teacher that knows something
         loss = torch.nn.functional.cross_entropy(teacher(xy[:, :-1]).flatten(0, 1), xy[:, 1:].flatten())
         opt.zero_grad()
         loss.backward()
@@ -64,9 +68,20 @@ def world(tmp_path_factory, ray_cluster):
     ref = reg.publish("tteacher", tdir, lineage={}, metrics={})
     teacher.eval()
     cache = root / "topk"
-    build_topk_cache(teacher, np.asarray(tokens), 64, 8, cache, 32, vocab_size=data.vocab_size, teacher=str(ref),
-                     teacher_sha256=weights_sha256(tdir), data_fingerprint=data.fingerprint, max_windows=512,
-                     progress=False)
+    build_topk_cache(
+        teacher,
+        np.asarray(tokens),
+        64,
+        8,
+        cache,
+        32,
+        vocab_size=data.vocab_size,
+        teacher=str(ref),
+        teacher_sha256=weights_sha256(tdir),
+        data_fingerprint=data.fingerprint,
+        max_windows=512,
+        progress=False,
+    )
     ray.init(address=ray_cluster.gcs_address)
     try:
         yield {"root": root, "teacher_dir": tdir, "ref": str(ref), "cache": cache, "data": data}
@@ -82,10 +97,24 @@ def make_cfg(world, name: str, **kw):
     from cluster.config.distill import DistillConfig
 
     base = dict(
-        data=TINY_DATA, teacher="tteacher", student_preset="tiny", steps=STEPS, seq_len=64, micro_batch_size=4,
-        grad_accum=1, num_workers=2, zero_stage=1, lr=3e-3, warmup_steps=2, checkpoint_every=4, log_every=100,
-        eval={"batch_size": 16, "max_tokens": 2048, "teacher": False}, publish=False, max_failures=2,
-        run_dir=str(world["root"] / "runs" / name), topk={"dir": str(world["cache"])},
+        data=TINY_DATA,
+        teacher="tteacher",
+        student_preset="tiny",
+        steps=STEPS,
+        seq_len=64,
+        micro_batch_size=4,
+        grad_accum=1,
+        num_workers=2,
+        zero_stage=1,
+        lr=3e-3,
+        warmup_steps=2,
+        checkpoint_every=4,
+        log_every=100,
+        eval={"batch_size": 16, "max_tokens": 2048, "teacher": False},
+        publish=False,
+        max_failures=2,
+        run_dir=str(world["root"] / "runs" / name),
+        topk={"dir": str(world["cache"])},
     )
     base.update(kw)
     return DistillConfig.model_validate(base)
@@ -137,9 +166,18 @@ def test_zero_two_workers_match_single_process(world, stage):
 
 
 def test_pipeline_two_stages_matches_single_process(world):
-    _, ref = run_once(world, "single-topk", num_workers=1, micro_batch_size=8, zero_stage=0, teacher_source="topk")
-    final, rows = run_once(world, "pipe", mode="pipeline", pipeline_stages=2, teacher_source="topk",
-                           micro_batch_size=2, grad_accum=4)
+    _, ref = run_once(
+        world, "single-topk", num_workers=1, micro_batch_size=8, zero_stage=0, teacher_source="topk"
+    )
+    final, rows = run_once(
+        world,
+        "pipe",
+        mode="pipeline",
+        pipeline_stages=2,
+        teacher_source="topk",
+        micro_batch_size=2,
+        grad_accum=4,
+    )
     assert_curves_match(rows, ref, rtol=2e-3)
     # the exported student (gathered from both stages) scores like the pipeline's own last loss implies
     assert final["val_ppl"] == pytest.approx(run_once(world, "single-topk")[0]["val_ppl"], rel=1e-2)
@@ -200,8 +238,23 @@ def test_bad_inputs_fail_before_workers(world, tmp_path):
 def test_cli_rejects_bad_config_with_exit_2(world):
     env = {**os.environ, "RETORT_REGISTRY": os.environ["RETORT_REGISTRY"]}
     for override in ("mode=pipeline zero_stage=2 teacher_source=topk", "global_batch_size=7"):
-        p = subprocess.run([sys.executable, "-m", "cluster.cli", "distill", "-c", "configs/distill/tiny.yaml", "--local",
-                            *override.split()], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+        p = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "cluster.cli",
+                "distill",
+                "-c",
+                "configs/distill/tiny.yaml",
+                "--local",
+                *override.split(),
+            ],
+            cwd=REPO,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert p.returncode == 2, p.stderr
         assert "Traceback" not in p.stderr and p.stderr.count("\n") <= 2, p.stderr
 
@@ -214,10 +267,28 @@ def test_cli_local_publishes_student(world):
     env = {**os.environ, "RETORT_REGISTRY": os.environ["RETORT_REGISTRY"]}
     env.pop("RAY_ADDRESS", None)
     p = subprocess.run(
-        [sys.executable, "-m", "cluster.cli", "distill", "-c", "configs/distill/tiny.yaml", "--local",
-         "teacher=tteacher", "student_preset=tiny", "student=null", "steps=4", "checkpoint_every=2",
-         f"run_dir={run_dir}", "eval.max_tokens=2048", "publish_name=tstudent"],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=420,
+        [
+            sys.executable,
+            "-m",
+            "cluster.cli",
+            "distill",
+            "-c",
+            "configs/distill/tiny.yaml",
+            "--local",
+            "teacher=tteacher",
+            "student_preset=tiny",
+            "student=null",
+            "steps=4",
+            "checkpoint_every=2",
+            f"run_dir={run_dir}",
+            "eval.max_tokens=2048",
+            "publish_name=tstudent",
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=420,
     )
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     assert p.stdout.strip().splitlines()[-1] == "tstudent:1"
@@ -239,12 +310,36 @@ def test_ray_job_submit_entrypoint(world, ray_cluster):
     env = ray_cluster.subprocess_env()
     runtime_env = json.dumps({"env_vars": {"RETORT_REGISTRY": os.environ["RETORT_REGISTRY"]}})
     p = subprocess.run(
-        [str(Path(sys.executable).parent / "ray"), "job", "submit", "--address", ray_cluster.dashboard_url,
-         "--working-dir", ".", "--runtime-env-json", runtime_env, "--",
-         sys.executable, "-m", "train.distill", "-c", "configs/distill/tiny.yaml", "teacher=tteacher",
-         "student_preset=tiny", "student=null", "steps=4", "checkpoint_every=2", f"run_dir={run_dir}",
-         "eval.max_tokens=2048", "publish_name=tstudent-job"],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=480,
+        [
+            str(Path(sys.executable).parent / "ray"),
+            "job",
+            "submit",
+            "--address",
+            ray_cluster.dashboard_url,
+            "--working-dir",
+            ".",
+            "--runtime-env-json",
+            runtime_env,
+            "--",
+            sys.executable,
+            "-m",
+            "train.distill",
+            "-c",
+            "configs/distill/tiny.yaml",
+            "teacher=tteacher",
+            "student_preset=tiny",
+            "student=null",
+            "steps=4",
+            "checkpoint_every=2",
+            f"run_dir={run_dir}",
+            "eval.max_tokens=2048",
+            "publish_name=tstudent-job",
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=480,
     )
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     assert "tstudent-job:1" in p.stdout

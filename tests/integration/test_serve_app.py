@@ -48,13 +48,33 @@ def apps(ray_cluster, tmp_path_factory):
     try:
         out = {}
         for topo, name, prefix in (("split", "retort", ""), ("collocated", "colo", "/colo")):
-            url = inst.deploy(serve_args(registry, **{
-                "app_name": name, "route_prefix": prefix or "/", "topology": topo, "auth.api_keys": [KEY],
-                "autoscaling.max_replicas": 1}))
-            strict = inst.deploy(serve_args(registry, **{
-                "app_name": f"{name}-strict", "route_prefix": f"{prefix}/strict", "topology": topo,
-                "limits.request_timeout_s": 0.1, "limits.max_ongoing_requests": 1, "limits.max_queued_requests": 1,
-                "autoscaling.max_replicas": 1, "replica.num_cpus": 0.25}))
+            url = inst.deploy(
+                serve_args(
+                    registry,
+                    **{
+                        "app_name": name,
+                        "route_prefix": prefix or "/",
+                        "topology": topo,
+                        "auth.api_keys": [KEY],
+                        "autoscaling.max_replicas": 1,
+                    },
+                )
+            )
+            strict = inst.deploy(
+                serve_args(
+                    registry,
+                    **{
+                        "app_name": f"{name}-strict",
+                        "route_prefix": f"{prefix}/strict",
+                        "topology": topo,
+                        "limits.request_timeout_s": 0.1,
+                        "limits.max_ongoing_requests": 1,
+                        "limits.max_queued_requests": 1,
+                        "autoscaling.max_replicas": 1,
+                        "replica.num_cpus": 0.25,
+                    },
+                )
+            )
             out[topo] = App(url, strict, name, topo, tmp / "student-0", ray_cluster.metrics_export_port)
         yield out
     finally:
@@ -76,7 +96,9 @@ def client(app):
 def post(url: str, body, headers=None, **kw) -> httpx.Response:
     headers = {**AUTH, **(headers or {})}
     if isinstance(body, (bytes, str)):
-        return httpx.post(url, content=body, headers={"content-type": "application/json", **headers}, timeout=60, **kw)
+        return httpx.post(
+            url, content=body, headers={"content-type": "application/json", **headers}, timeout=60, **kw
+        )
     return httpx.post(url, json=body, headers=headers, timeout=60, **kw)
 
 
@@ -93,29 +115,41 @@ def assert_error(r: httpx.Response, status: int) -> dict:
 def test_completion_with_openai_client(client, app):
     from cluster.tokenizer import load_tokenizer
 
-    c = client.completions.create(model="student", prompt="Hello world", max_tokens=6, temperature=0,
-                                  extra_body={"ignore_eos": True})
+    c = client.completions.create(
+        model="student", prompt="Hello world", max_tokens=6, temperature=0, extra_body={"ignore_eos": True}
+    )
     assert c.object == "text_completion" and len(c.choices) == 1
     assert c.choices[0].finish_reason == "length"
     assert c.usage.completion_tokens == 6
     assert c.usage.prompt_tokens == len(load_tokenizer(app.tokenizer_dir).encode("Hello world"))
     assert c.usage.total_tokens == c.usage.prompt_tokens + 6
-    again = client.completions.create(model="student", prompt="Hello world", max_tokens=6, temperature=0,
-                                      extra_body={"ignore_eos": True})
+    again = client.completions.create(
+        model="student", prompt="Hello world", max_tokens=6, temperature=0, extra_body={"ignore_eos": True}
+    )
     assert again.choices[0].text == c.choices[0].text  # greedy is deterministic
 
 
 def test_chat_with_openai_client(client):
-    c = client.chat.completions.create(model="student", messages=[{"role": "system", "content": "be brief"},
-                                                                   {"role": "user", "content": "hi"}],
-                                       max_tokens=5, temperature=0, extra_body={"ignore_eos": True})
+    c = client.chat.completions.create(
+        model="student",
+        messages=[{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}],
+        max_tokens=5,
+        temperature=0,
+        extra_body={"ignore_eos": True},
+    )
     assert c.object == "chat.completion" and c.choices[0].message.role == "assistant"
     assert isinstance(c.choices[0].message.content, str)
     assert c.usage.completion_tokens == 5 and c.usage.prompt_tokens > 5
 
 
 def test_streaming_matches_non_streaming(client):
-    kw = dict(model="student", prompt="def add(a, b):", max_tokens=12, temperature=0, extra_body={"ignore_eos": True})
+    kw = dict(
+        model="student",
+        prompt="def add(a, b):",
+        max_tokens=12,
+        temperature=0,
+        extra_body={"ignore_eos": True},
+    )
     full = client.completions.create(**kw).choices[0].text
     chunks = list(client.completions.create(stream=True, stream_options={"include_usage": True}, **kw))
     text = "".join(ch.choices[0].text for ch in chunks if ch.choices)
@@ -125,8 +159,13 @@ def test_streaming_matches_non_streaming(client):
 
 
 def test_chat_streaming(client):
-    kw = dict(model="student", messages=[{"role": "user", "content": "count"}], max_tokens=8, temperature=0,
-              extra_body={"ignore_eos": True})
+    kw = dict(
+        model="student",
+        messages=[{"role": "user", "content": "count"}],
+        max_tokens=8,
+        temperature=0,
+        extra_body={"ignore_eos": True},
+    )
     full = client.chat.completions.create(**kw).choices[0].message.content
     chunks = list(client.chat.completions.create(stream=True, **kw))
     assert chunks[0].choices[0].delta.role == "assistant"
@@ -135,8 +174,13 @@ def test_chat_streaming(client):
 
 
 def test_sse_wire_format_ends_with_done(app):
-    with httpx.stream("POST", app.url + "/v1/completions", headers=AUTH, timeout=60,
-                      json={"model": "student", "prompt": "x", "max_tokens": 3, "stream": True, "ignore_eos": True}) as r:
+    with httpx.stream(
+        "POST",
+        app.url + "/v1/completions",
+        headers=AUTH,
+        timeout=60,
+        json={"model": "student", "prompt": "x", "max_tokens": 3, "stream": True, "ignore_eos": True},
+    ) as r:
         assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
         events = [line for line in r.iter_lines() if line]
     assert events[-1] == "data: [DONE]"
@@ -145,10 +189,16 @@ def test_sse_wire_format_ends_with_done(app):
 
 
 def test_stop_string_cuts_output(client):
-    kw = dict(model="student", prompt="The quick brown", temperature=0, max_tokens=24, extra_body={"ignore_eos": True})
+    kw = dict(
+        model="student",
+        prompt="The quick brown",
+        temperature=0,
+        max_tokens=24,
+        extra_body={"ignore_eos": True},
+    )
     text = client.completions.create(**kw).choices[0].text
     assert len(text) >= 6, text
-    stop = text[len(text) // 2: len(text) // 2 + 2]
+    stop = text[len(text) // 2 : len(text) // 2 + 2]
     expected = text[: text.find(stop)]
     got = client.completions.create(stop=[stop], **kw).choices[0]
     assert got.text == expected and got.finish_reason == "stop"
@@ -157,16 +207,29 @@ def test_stop_string_cuts_output(client):
 
 
 def test_logprobs(client):
-    c = client.completions.create(model="student", prompt="abc", max_tokens=4, temperature=0, logprobs=2,
-                                  extra_body={"ignore_eos": True})
+    c = client.completions.create(
+        model="student",
+        prompt="abc",
+        max_tokens=4,
+        temperature=0,
+        logprobs=2,
+        extra_body={"ignore_eos": True},
+    )
     lp = c.choices[0].logprobs
     assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == 4
     assert all(x <= 0 for x in lp.token_logprobs) and all(1 <= len(t) <= 2 for t in lp.top_logprobs)
     # greedy: the sampled token is the most likely one (byte-level tokens may share a display string,
     # so the legacy dict can hold fewer entries; the chat list below has no such collisions)
     assert all(x >= max(t.values()) - 1e-4 for x, t in zip(lp.token_logprobs, lp.top_logprobs, strict=True))
-    chat = client.chat.completions.create(model="student", messages=[{"role": "user", "content": "a"}], max_tokens=3,
-                                          temperature=0, logprobs=True, top_logprobs=3, extra_body={"ignore_eos": True})
+    chat = client.chat.completions.create(
+        model="student",
+        messages=[{"role": "user", "content": "a"}],
+        max_tokens=3,
+        temperature=0,
+        logprobs=True,
+        top_logprobs=3,
+        extra_body={"ignore_eos": True},
+    )
     content = chat.choices[0].logprobs.content
     assert len(content) == 3 and all(len(c.top_logprobs) == 3 for c in content)
     assert all(abs(c.logprob - max(t.logprob for t in c.top_logprobs)) < 1e-4 for c in content)
@@ -176,8 +239,11 @@ def test_models_health_and_request_id(app):
     models = httpx.get(app.url + "/v1/models", headers=AUTH).json()
     assert [m["id"] for m in models["data"]] == ["student"] and models["data"][0]["root"] == "student:1"
     assert httpx.get(app.url + "/health").json() == {"status": "ok"}
-    r = post(app.url + "/v1/completions", {"model": "student", "prompt": "x", "max_tokens": 1},
-             headers={"X-Request-ID": "my-req-42"})
+    r = post(
+        app.url + "/v1/completions",
+        {"model": "student", "prompt": "x", "max_tokens": 1},
+        headers={"X-Request-ID": "my-req-42"},
+    )
     assert r.status_code == 200 and r.headers["x-request-id"] == "my-req-42"
     r = post(app.url + "/v1/completions", {"model": "student", "prompt": "x", "max_tokens": 1})
     assert r.headers.get("x-request-id")
@@ -186,9 +252,19 @@ def test_models_health_and_request_id(app):
 # --- auth ----------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("method,path", [("POST", "/v1/completions"), ("POST", "/v1/chat/completions"),
-                                         ("GET", "/v1/models"), ("GET", "/nope"), ("GET", "/v1/completions")])
-@pytest.mark.parametrize("auth", [None, "Bearer wrong", "Basic " + KEY, KEY, "Bearer", "Bearer  " + KEY + "x"])
+@pytest.mark.parametrize(
+    "method,path",
+    [
+        ("POST", "/v1/completions"),
+        ("POST", "/v1/chat/completions"),
+        ("GET", "/v1/models"),
+        ("GET", "/nope"),
+        ("GET", "/v1/completions"),
+    ],
+)
+@pytest.mark.parametrize(
+    "auth", [None, "Bearer wrong", "Basic " + KEY, KEY, "Bearer", "Bearer  " + KEY + "x"]
+)
 def test_every_route_but_health_needs_the_key(app, method, path, auth):
     headers = {"Authorization": auth} if auth is not None else {}
     r = httpx.request(method, app.url + path, headers=headers, json={"model": "student", "prompt": "x"})
@@ -275,7 +351,9 @@ def test_body_too_large(app):
             yield b" " * 10_000
         yield json.dumps(OK).encode()
 
-    r = httpx.post(app.url + C, content=chunked(), headers={**AUTH, "content-type": "application/json"}, timeout=60)
+    r = httpx.post(
+        app.url + C, content=chunked(), headers={**AUTH, "content-type": "application/json"}, timeout=60
+    )
     assert_error(r, 413)
     assert_error(post(app.url + C, b"{}", headers={"content-type": "text/plain"}), 415)
 
@@ -284,7 +362,12 @@ def test_app_keeps_serving_after_garbage(app, client):
     for _, path, body, _ in BAD[:8]:  # the raw-bytes garbage once more, back to back
         post(app.url + path, body)
     assert httpx.get(app.url + "/health").status_code == 200
-    assert client.completions.create(model="student", prompt="still alive?", max_tokens=3).usage.completion_tokens <= 3
+    assert (
+        client.completions.create(
+            model="student", prompt="still alive?", max_tokens=3
+        ).usage.completion_tokens
+        <= 3
+    )
     assert model_server_stats(app.name)["healthy"]
 
 
@@ -307,7 +390,9 @@ def test_backpressure_is_503_with_retry_after(app):
     overloaded = [r for r in responses if r.status_code == 503]
     assert overloaded, codes
     assert all(r.headers.get("retry-after") for r in overloaded)
-    assert all(r.json()["error"]["code"] == "overloaded" for r in overloaded)  # OpenAI-style body, not Serve's text
+    assert all(
+        r.json()["error"]["code"] == "overloaded" for r in overloaded
+    )  # OpenAI-style body, not Serve's text
     # recovers (a 1-token request fits the 0.1 s timeout; a loaded machine may need another try)
     assert any(post(app.strict_url + C, {**OK, "max_tokens": 1}).status_code == 200 for _ in range(5))
 
@@ -323,8 +408,13 @@ def _wait_aborted(name: str, before: int) -> dict:
 
 def test_client_disconnect_aborts_generation(app):
     before = model_server_stats(app.name)["num_aborted"]
-    with httpx.stream("POST", app.url + C, headers=AUTH, timeout=60,
-                      json={**OK, **DISCONNECT, "prompt": "a long one", "stream": True}) as r:
+    with httpx.stream(
+        "POST",
+        app.url + C,
+        headers=AUTH,
+        timeout=60,
+        json={**OK, **DISCONNECT, "prompt": "a long one", "stream": True},
+    ) as r:
         assert r.status_code == 200
         lines = r.iter_lines()
         next(lines)
@@ -339,8 +429,12 @@ def test_client_disconnect_aborts_a_non_streamed_generation(app):
     that goes away still cancels it and frees the engine request."""
     before = model_server_stats(app.name)["num_aborted"]
     with pytest.raises(httpx.ReadTimeout):  # the client gives up and closes the connection
-        httpx.post(app.url + C, headers=AUTH, json={**OK, **DISCONNECT, "prompt": "another long one"},
-                   timeout=httpx.Timeout(60, read=0.05))
+        httpx.post(
+            app.url + C,
+            headers=AUTH,
+            json={**OK, **DISCONNECT, "prompt": "another long one"},
+            timeout=httpx.Timeout(60, read=0.05),
+        )
     stats = _wait_aborted(app.name, before)
     assert stats["num_aborted"] > before and stats["num_running"] == 0, stats
 
@@ -352,9 +446,16 @@ def test_metrics_are_exported(app, client):
 
     client.completions.create(model="student", prompt="metrics", max_tokens=3)
     url = f"http://127.0.0.1:{app.metrics_port}/metrics"
-    wanted = [M.exported(M.TTFT, "_bucket"), M.exported(M.E2E, "_count"), M.exported(M.PROMPT_TOKENS),
-              M.exported(M.GENERATION_TOKENS), M.exported(M.RESPONSES), M.exported(M.KV_USAGE),
-              M.exported(M.RUNNING), M.exported(M.DEPLOYED_VERSION)]
+    wanted = [
+        M.exported(M.TTFT, "_bucket"),
+        M.exported(M.E2E, "_count"),
+        M.exported(M.PROMPT_TOKENS),
+        M.exported(M.GENERATION_TOKENS),
+        M.exported(M.RESPONSES),
+        M.exported(M.KV_USAGE),
+        M.exported(M.RUNNING),
+        M.exported(M.DEPLOYED_VERSION),
+    ]
     deadline, text = time.monotonic() + 60, ""
     while time.monotonic() < deadline:
         text = httpx.get(url, timeout=10).text
@@ -364,8 +465,11 @@ def test_metrics_are_exported(app, client):
     missing = [w for w in wanted if w not in text]
     assert not missing, missing
     # other apps of the session's cluster export the same metric under their own model names
-    responses = [line for line in text.splitlines()
-                 if line.startswith(M.exported(M.RESPONSES)) and 'model="student"' in line]
+    responses = [
+        line
+        for line in text.splitlines()
+        if line.startswith(M.exported(M.RESPONSES)) and 'model="student"' in line
+    ]
     assert responses and all("status=" in line and "route=" in line for line in responses)
     version = [line for line in text.splitlines() if line.startswith(M.exported(M.DEPLOYED_VERSION))]
     assert any('ref="student:1"' in line and line.endswith(" 1.0") for line in version), version

@@ -31,10 +31,22 @@ def test_replicas_scale_up_under_load_and_back_down(ray_cluster, tmp_path, topol
     stop = threading.Event()
     errors: list[str] = []
     try:
-        url = inst.deploy(serve_args(registry, **{
-            "autoscaling.min_replicas": 1, "autoscaling.max_replicas": 2, "autoscaling.target_ongoing_requests": 1,
-            "autoscaling.upscale_delay_s": 1, "autoscaling.downscale_delay_s": 4, "autoscaling.look_back_period_s": 1,
-            "autoscaling.metrics_interval_s": 0.5, "replica.num_cpus": 0.5, "topology": topology}))
+        url = inst.deploy(
+            serve_args(
+                registry,
+                **{
+                    "autoscaling.min_replicas": 1,
+                    "autoscaling.max_replicas": 2,
+                    "autoscaling.target_ongoing_requests": 1,
+                    "autoscaling.upscale_delay_s": 1,
+                    "autoscaling.downscale_delay_s": 4,
+                    "autoscaling.look_back_period_s": 1,
+                    "autoscaling.metrics_interval_s": 0.5,
+                    "replica.num_cpus": 0.5,
+                    "topology": topology,
+                },
+            )
+        )
         assert running_replicas("retort") == 1
 
         def client() -> None:  # slow requests keep ~4 in flight

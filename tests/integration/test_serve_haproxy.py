@@ -38,8 +38,15 @@ def head():
 
     temp_dir = Path(tempfile.mkdtemp(prefix="rt-", dir="/tmp"))
     (temp_dir / "owner.json").write_text(json.dumps({"pid": os.getpid(), "pgid": 0}))
-    h = start_head(temp_dir, temp_dir / "auth_token", free_ray_ports(), num_cpus=4,
-                   object_store_memory=300 * 1024**2, log=temp_dir / "ray-start.log", ingress="haproxy")
+    h = start_head(
+        temp_dir,
+        temp_dir / "auth_token",
+        free_ray_ports(),
+        num_cpus=4,
+        object_store_memory=300 * 1024**2,
+        log=temp_dir / "ray-start.log",
+        ingress="haproxy",
+    )
     (temp_dir / "owner.json").write_text(json.dumps({"pid": os.getpid(), "pgid": h.pgid}))
     try:
         with client_env(h.env()):
@@ -59,8 +66,18 @@ def apps(head, tmp_path_factory):
     try:
         out = {}
         for topo, name, prefix in (("split", "hsplit", "/hsplit"), ("collocated", "hcolo", "/hcolo")):
-            url = inst.deploy(serve_args(registry, **{"app_name": name, "route_prefix": prefix, "topology": topo,
-                                                      "auth.api_keys": [KEY], "autoscaling.max_replicas": 1}))
+            url = inst.deploy(
+                serve_args(
+                    registry,
+                    **{
+                        "app_name": name,
+                        "route_prefix": prefix,
+                        "topology": topo,
+                        "auth.api_keys": [KEY],
+                        "autoscaling.max_replicas": 1,
+                    },
+                )
+            )
             out[topo] = (url, name)
         out["port"] = inst.port
         yield out
@@ -79,7 +96,9 @@ def test_haproxy_answers_serves_port(head, apps):
     import psutil
 
     port = apps["port"]
-    listeners = [c.pid for c in psutil.net_connections("tcp") if c.status == "LISTEN" and c.laddr.port == port]
+    listeners = [
+        c.pid for c in psutil.net_connections("tcp") if c.status == "LISTEN" and c.laddr.port == port
+    ]
     assert listeners, f"nothing listens on {port}"
     assert {psutil.Process(pid).name() for pid in listeners} == {"haproxy"}
     cfgs = list((Path(head.temp_dir) / "h").rglob("haproxy.cfg"))
@@ -94,14 +113,22 @@ def test_openai_client_completion_chat_and_stream(app):
 
     url, _ = app
     client = openai.OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0, timeout=60)
-    kw = dict(model="student", prompt="def add(a, b):", max_tokens=5, temperature=0, extra_body={"ignore_eos": True})
+    kw = dict(
+        model="student", prompt="def add(a, b):", max_tokens=5, temperature=0, extra_body={"ignore_eos": True}
+    )
     out = client.completions.create(**kw)
     assert out.choices[0].finish_reason == "length" and out.usage.completion_tokens == 5
-    chat = client.chat.completions.create(model="student", messages=[{"role": "user", "content": "hi"}],
-                                          max_tokens=3, extra_body={"ignore_eos": True})
+    chat = client.chat.completions.create(
+        model="student",
+        messages=[{"role": "user", "content": "hi"}],
+        max_tokens=3,
+        extra_body={"ignore_eos": True},
+    )
     assert chat.choices[0].message.role == "assistant" and chat.usage.completion_tokens == 3
     chunks = list(client.completions.create(stream=True, stream_options={"include_usage": True}, **kw))
-    assert "".join(c.choices[0].text for c in chunks if c.choices) == out.choices[0].text  # same greedy tokens
+    assert (
+        "".join(c.choices[0].text for c in chunks if c.choices) == out.choices[0].text
+    )  # same greedy tokens
     assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 5
 
 
@@ -111,7 +138,9 @@ def test_errors_are_openai_bodies_and_app_keeps_serving(app):
     assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error", r.text
     r = httpx.post(url + C, json=OK, timeout=60)  # no key
     assert r.status_code == 401 and "error" in r.json(), r.text
-    r = httpx.post(url + C, content=b"{not json", headers={**AUTH, "content-type": "application/json"}, timeout=60)
+    r = httpx.post(
+        url + C, content=b"{not json", headers={**AUTH, "content-type": "application/json"}, timeout=60
+    )
     assert r.status_code == 400 and "error" in r.json(), r.text
     r = httpx.post(url + C, json=OK, headers={**AUTH, "X-Request-ID": "hap-1"}, timeout=60)
     assert r.status_code == 200 and r.headers["x-request-id"] == "hap-1", r.text
@@ -122,8 +151,13 @@ def test_client_disconnect_aborts_generation(app):
     server sees it and cancels the request, which frees the engine's."""
     url, name = app
     before = model_server_stats(name)["num_aborted"]
-    with httpx.stream("POST", url + C, headers=AUTH, timeout=60,
-                      json={**OK, **DISCONNECT, "prompt": "a long one", "stream": True}) as r:
+    with httpx.stream(
+        "POST",
+        url + C,
+        headers=AUTH,
+        timeout=60,
+        json={**OK, **DISCONNECT, "prompt": "a long one", "stream": True},
+    ) as r:
         assert r.status_code == 200
         lines = r.iter_lines()
         next(lines)

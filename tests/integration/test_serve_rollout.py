@@ -21,8 +21,14 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def retort(env: dict[str, str], *argv: str, timeout: float = 240) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "cluster.cli", *argv], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "cluster.cli", *argv],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 class Load:
@@ -33,10 +39,18 @@ class Load:
         self.versions: Counter[str] = Counter()
         self.failures: list[str] = []
         self.ok = 0
-        self._threads = [threading.Thread(target=self._run, args=(i % 2 == 1,), daemon=True) for i in range(threads)]
+        self._threads = [
+            threading.Thread(target=self._run, args=(i % 2 == 1,), daemon=True) for i in range(threads)
+        ]
 
     def _run(self, stream: bool) -> None:
-        body = {"model": "student", "prompt": "rolling", "max_tokens": 8, "ignore_eos": True, "stream": stream}
+        body = {
+            "model": "student",
+            "prompt": "rolling",
+            "max_tokens": 8,
+            "ignore_eos": True,
+            "stream": stream,
+        }
         with httpx.Client(timeout=60) as c:
             while not self.stop.is_set():
                 try:
@@ -74,9 +88,15 @@ def test_promote_and_redeploy_rolls_over_without_failures(ray_cluster, tmp_path,
     publish_tiny(registry, tmp_path, seed=0)  # student:1 @production
     port = free_port()
     env = {**ray_cluster.subprocess_env(), "RAY_API_SERVER_ADDRESS": ray_cluster.dashboard_url}
-    overrides = [f"registry.root={registry}", f"registry.cache_dir={registry / '.cache'}", f"http.port={port}",
-                 "autoscaling.max_replicas=1", "replica.num_cpus=0.5", "replica.graceful_shutdown_timeout_s=30",
-                 f"topology={topology}"]
+    overrides = [
+        f"registry.root={registry}",
+        f"registry.cache_dir={registry / '.cache'}",
+        f"http.port={port}",
+        "autoscaling.max_replicas=1",
+        "replica.num_cpus=0.5",
+        "replica.graceful_shutdown_timeout_s=30",
+        f"topology={topology}",
+    ]
     deploy = ["serve", "deploy", "-c", "configs/serve/tiny.yaml", *overrides]
     try:
         r = retort(env, *deploy)
@@ -112,10 +132,22 @@ def test_promote_and_redeploy_rolls_over_without_failures(ray_cluster, tmp_path,
 
 def test_deploy_bad_input_is_one_line(ray_cluster, tmp_path):
     env = {**ray_cluster.subprocess_env(), "RAY_API_SERVER_ADDRESS": ray_cluster.dashboard_url}
-    r = retort(env, "serve", "deploy", "-c", "configs/serve/tiny.yaml", f"registry.root={tmp_path}", "limits.bogus=1")
+    r = retort(
+        env, "serve", "deploy", "-c", "configs/serve/tiny.yaml", f"registry.root={tmp_path}", "limits.bogus=1"
+    )
     assert r.returncode == 2 and "unknown field" in r.stderr and "Traceback" not in r.stderr
     r = retort(env, "serve", "deploy", "-c", "configs/serve/tiny.yaml", f"registry.root={tmp_path}")
     assert r.returncode == 2 and "no model 'student'" in r.stderr and "Traceback" not in r.stderr
-    r = retort(env, "serve", "deploy", "-c", "configs/serve/tiny.yaml", f"registry.root={tmp_path}",
-               "topology=collocated", "router.policy=cache_aware")
-    assert r.returncode == 2 and "cache_aware needs topology split" in r.stderr and "Traceback" not in r.stderr
+    r = retort(
+        env,
+        "serve",
+        "deploy",
+        "-c",
+        "configs/serve/tiny.yaml",
+        f"registry.root={tmp_path}",
+        "topology=collocated",
+        "router.policy=cache_aware",
+    )
+    assert (
+        r.returncode == 2 and "cache_aware needs topology split" in r.stderr and "Traceback" not in r.stderr
+    )

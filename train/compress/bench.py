@@ -49,8 +49,13 @@ def _time(fn, device: torch.device, min_s: float = 0.3, max_reps: int = 200) -> 
     return min(times) * 1e6
 
 
-def kernel_table(in_f: int = 2048, out_f: int = 8192, batches: tuple[int, ...] = (1, 16),
-                 device: str = "cpu", group_size: int = 128) -> str:
+def kernel_table(
+    in_f: int = 2048,
+    out_f: int = 8192,
+    batches: tuple[int, ...] = (1, 16),
+    device: str = "cpu",
+    group_size: int = 128,
+) -> str:
     dev = torch.device(device)
     lin = nn.Linear(in_f, out_f, bias=False)
     with torch.no_grad():
@@ -74,8 +79,14 @@ def kernel_table(in_f: int = 2048, out_f: int = 8192, batches: tuple[int, ...] =
         for b in batches:
             xl = torch.randn(b, in_f, device=dev, dtype=dt)
             ts[b] = _time(lambda xl=xl, wl=wl: F.linear(xl, wl), dev)
-        rows.append([str(dt).replace("torch.", ""), "F.linear", *[f"{ts[b]:.0f}" for b in batches],
-                     *[f"{base[b] / ts[b]:.2f}x" for b in batches]])
+        rows.append(
+            [
+                str(dt).replace("torch.", ""),
+                "F.linear",
+                *[f"{ts[b]:.0f}" for b in batches],
+                *[f"{base[b] / ts[b]:.2f}x" for b in batches],
+            ]
+        )
     for label, m in mods.items():
         m = m.to(dev)
         for name, kernel in quant.KERNELS[m.scheme].items():
@@ -104,8 +115,17 @@ def _file_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.iterdir() if f.suffix == ".safetensors")
 
 
-def decode_table(model_dir: Path, workdir: Path, schemes: list[str], group_size: int, batches: list[int],
-                 prompt: int, tokens: int, threads: int | None, rounds: int = 1) -> str:
+def decode_table(
+    model_dir: Path,
+    workdir: Path,
+    schemes: list[str],
+    group_size: int,
+    batches: list[int],
+    prompt: int,
+    tokens: int,
+    threads: int | None,
+    rounds: int = 1,
+) -> str:
     """Quantize the fp32 checkpoint ``model_dir`` to each scheme under ``workdir``; measure decode of each
     in a fresh process (best of ``rounds`` passes over all variants, so that load on a shared machine
     hits every variant alike)."""
@@ -117,7 +137,9 @@ def decode_table(model_dir: Path, workdir: Path, schemes: list[str], group_size:
         if scheme == "fp32":
             continue
         model = Transformer.from_pretrained(model_dir)
-        quant.quantize_model(model, scheme, group_size if scheme in quant.GROUPED else None, modules_not_converted=[])
+        quant.quantize_model(
+            model, scheme, group_size if scheme in quant.GROUPED else None, modules_not_converted=[]
+        )
         dirs[scheme] = workdir / scheme
         model.save_pretrained(dirs[scheme], extra_config={"quantization_config": model.quantization_config})
     results: dict[str, dict] = {}
@@ -128,16 +150,33 @@ def decode_table(model_dir: Path, workdir: Path, schemes: list[str], group_size:
             for b in batches:
                 best[f"tok_s_b{b}"] = max(best[f"tok_s_b{b}"], r[f"tok_s_b{b}"])
     base, fp_bytes = results["fp32"], _file_bytes(model_dir)
-    rows = [["variant", "file MB", "bytes vs fp32", *[f"tok/s b{b}" for b in batches],
-             *[f"b{b} vs fp32" for b in batches], "kernels"]]
+    rows = [
+        [
+            "variant",
+            "file MB",
+            "bytes vs fp32",
+            *[f"tok/s b{b}" for b in batches],
+            *[f"b{b} vs fp32" for b in batches],
+            "kernels",
+        ]
+    ]
     for name, r in results.items():
         qcfg = json.loads((dirs[name] / "config.json").read_text()).get("quantization_config") or {}
         emb = (qcfg.get("embeddings") or {}).get("scheme", "fp32") if qcfg else "fp32"
-        label = name + (f" g{group_size}" if name in quant.GROUPED else "") + (f" (emb {emb})" if qcfg else "")
+        label = (
+            name + (f" g{group_size}" if name in quant.GROUPED else "") + (f" (emb {emb})" if qcfg else "")
+        )
         nb = _file_bytes(dirs[name])
-        rows.append([label, f"{nb / 1e6:.1f}", f"1/{fp_bytes / nb:.2f}", *[f"{r[f'tok_s_b{b}']:.1f}" for b in batches],
-                     *[f"{r[f'tok_s_b{b}'] / base[f'tok_s_b{b}']:.2f}x" for b in batches],
-                     ",".join(r.get("kernels") or []) or "-"])
+        rows.append(
+            [
+                label,
+                f"{nb / 1e6:.1f}",
+                f"1/{fp_bytes / nb:.2f}",
+                *[f"{r[f'tok_s_b{b}']:.1f}" for b in batches],
+                *[f"{r[f'tok_s_b{b}'] / base[f'tok_s_b{b}']:.2f}x" for b in batches],
+                ",".join(r.get("kernels") or []) or "-",
+            ]
+        )
     return render(rows)
 
 
@@ -160,8 +199,11 @@ def _decode_source(a: argparse.Namespace, workdir: Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m train.compress.bench", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m train.compress.bench",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("-c", "--config", default=None, help="compress config: also print the optimization table")
     p.add_argument("overrides", nargs="*", help="config overrides, e.g. source=runs/model")
     p.add_argument("--kernels", action="store_true", help="only the kernel table")
@@ -180,18 +222,35 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {a.device}"
-          f"{' (' + torch.cuda.get_device_name() + ')' if a.device == 'cuda' else ''}", flush=True)
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {a.device}"
+        f"{' (' + torch.cuda.get_device_name() + ')' if a.device == 'cuda' else ''}",
+        flush=True,
+    )
     if a.decode:
         bad = [s for s in a.schemes if s != "fp32" and s not in quant.SCHEMES]
         if bad:
             p.error(f"--schemes: unknown scheme {bad[0]!r}; known: fp32, {', '.join(quant.SCHEMES)}")
         with tempfile.TemporaryDirectory(prefix="retort-decode-") as tmp:
             src = _decode_source(a, Path(tmp))
-            print(f"\nWhole-model decode ({src}; prompt 16, {a.tokens} tokens, greedy, fresh process each)\n",
-                  flush=True)
-            print(decode_table(src, Path(tmp), ["fp32", *a.schemes], a.group_size, a.batch, 16, a.tokens, a.threads,
-                               a.rounds), flush=True)
+            print(
+                f"\nWhole-model decode ({src}; prompt 16, {a.tokens} tokens, greedy, fresh process each)\n",
+                flush=True,
+            )
+            print(
+                decode_table(
+                    src,
+                    Path(tmp),
+                    ["fp32", *a.schemes],
+                    a.group_size,
+                    a.batch,
+                    16,
+                    a.tokens,
+                    a.threads,
+                    a.rounds,
+                ),
+                flush=True,
+            )
         return 0
     print(f"\nKernel micro-benchmark: one {a.shape[0]}->{a.shape[1]} linear\n", flush=True)
     print(kernel_table(a.shape[0], a.shape[1], device=a.device), flush=True)

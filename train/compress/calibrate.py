@@ -11,8 +11,9 @@ from torch import nn
 from cluster.errors import RetortError
 
 
-def calibration_batches(tokens: np.ndarray, n_tokens: int, seq_len: int, seed: int,
-                        batch_size: int = 8) -> list[torch.Tensor]:
+def calibration_batches(
+    tokens: np.ndarray, n_tokens: int, seq_len: int, seed: int, batch_size: int = 8
+) -> list[torch.Tensor]:
     """Random non-overlapping windows of ``seq_len`` tokens, ``n_tokens`` in all -> list of (B, seq_len)."""
     n_windows = len(tokens) // seq_len
     want = max(1, n_tokens // seq_len)
@@ -20,14 +21,15 @@ def calibration_batches(tokens: np.ndarray, n_tokens: int, seq_len: int, seed: i
         raise RetortError(f"calibration needs at least {seq_len} tokens, the split has {len(tokens)}")
     gen = np.random.default_rng(seed)
     idx = np.sort(gen.choice(n_windows, size=min(want, n_windows), replace=False))
-    rows = np.stack([np.asarray(tokens[i * seq_len:(i + 1) * seq_len], dtype=np.int64) for i in idx])
+    rows = np.stack([np.asarray(tokens[i * seq_len : (i + 1) * seq_len], dtype=np.int64) for i in idx])
     x = torch.from_numpy(rows)  # (W, seq_len)
     return list(x.split(batch_size))
 
 
 @torch.no_grad()
-def collect_inputs(model: nn.Module, batches: Iterable[torch.Tensor], names: list[str],
-                   max_rows: int = 4096, seed: int = 0) -> dict[str, torch.Tensor]:
+def collect_inputs(
+    model: nn.Module, batches: Iterable[torch.Tensor], names: list[str], max_rows: int = 4096, seed: int = 0
+) -> dict[str, torch.Tensor]:
     """Run ``batches`` through ``model`` and keep (a row sample of) the input of every named module.
 
     Returns name -> (rows, in_features) float32, at most ``max_rows`` rows each (sampled evenly).
@@ -41,6 +43,7 @@ def collect_inputs(model: nn.Module, batches: Iterable[torch.Tensor], names: lis
     def hook(name: str):
         def fn(_mod: nn.Module, args: tuple, _out: torch.Tensor) -> None:
             seen[name].append(args[0].detach().reshape(-1, args[0].shape[-1]).float().cpu())  # (B*T, K)
+
         return fn
 
     handles = [modules[n].register_forward_hook(hook(n)) for n in names]

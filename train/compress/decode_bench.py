@@ -28,8 +28,16 @@ from cluster.errors import JobFailed
 class ContiguousKV:
     """Per layer k/v ``(B, max_len, Hkv, D)``; ``pos`` tokens are filled. ``advance(T)`` after a forward."""
 
-    def __init__(self, n_layers: int, batch: int, max_len: int, n_kv_heads: int, head_dim: int,
-                 dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> None:
+    def __init__(
+        self,
+        n_layers: int,
+        batch: int,
+        max_len: int,
+        n_kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype = torch.float32,
+        device: str | torch.device = "cpu",
+    ) -> None:
         shape = (batch, max_len, n_kv_heads, head_dim)
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
@@ -41,15 +49,16 @@ class ContiguousKV:
         end = self.pos + T
         if end > self.max_len:
             raise ValueError(f"KV cache full: {end} > {self.max_len}")
-        self.k[layer][:, self.pos:end] = k
-        self.v[layer][:, self.pos:end] = v
+        self.k[layer][:, self.pos : end] = k
+        self.v[layer][:, self.pos : end] = v
         kk = self.k[layer][:, :end].transpose(1, 2)  # (B, Hkv, end, D)
         vv = self.v[layer][:, :end].transpose(1, 2)
         mask = None
         if T > 1:  # query i (absolute pos + i) sees keys <= pos + i
             mask = torch.ones(T, end, dtype=torch.bool, device=q.device).tril(diagonal=self.pos)
-        out = F.scaled_dot_product_attention(q.transpose(1, 2), kk, vv, attn_mask=mask,
-                                             enable_gqa=kk.shape[1] != H)  # (B, H, T, D)
+        out = F.scaled_dot_product_attention(
+            q.transpose(1, 2), kk, vv, attn_mask=mask, enable_gqa=kk.shape[1] != H
+        )  # (B, H, T, D)
         return out.transpose(1, 2)
 
     def advance(self, n: int) -> None:
@@ -112,8 +121,9 @@ def _rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
 
 
-def measure(path: str | Path, batches: list[int], prompt_len: int, n_tokens: int,
-            threads: int | None = None) -> dict[str, Any]:
+def measure(
+    path: str | Path, batches: list[int], prompt_len: int, n_tokens: int, threads: int | None = None
+) -> dict[str, Any]:
     """Load ``path`` and time decode; peak RSS is the process's (run in a fresh process)."""
     from cluster.model import Transformer
     from cluster.quant import kernel_choices
@@ -133,14 +143,31 @@ def measure(path: str | Path, batches: list[int], prompt_len: int, n_tokens: int
     return out
 
 
-def measure_in_subprocess(path: str | Path, batches: list[int], prompt_len: int, n_tokens: int,
-                          threads: int | None = None, timeout: float = 900) -> dict[str, Any]:
-    cmd = [sys.executable, "-m", "train.compress.decode_bench", str(path), "--prompt", str(prompt_len),
-           "--tokens", str(n_tokens), "--batch", *map(str, batches)]
+def measure_in_subprocess(
+    path: str | Path,
+    batches: list[int],
+    prompt_len: int,
+    n_tokens: int,
+    threads: int | None = None,
+    timeout: float = 900,
+) -> dict[str, Any]:
+    cmd = [
+        sys.executable,
+        "-m",
+        "train.compress.decode_bench",
+        str(path),
+        "--prompt",
+        str(prompt_len),
+        "--tokens",
+        str(n_tokens),
+        "--batch",
+        *map(str, batches),
+    ]
     if threads:
         cmd += ["--threads", str(threads)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
-                          cwd=Path(__file__).resolve().parents[2])
+    proc = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=timeout, cwd=Path(__file__).resolve().parents[2]
+    )
     if proc.returncode != 0:
         raise JobFailed(f"decode benchmark of {path} failed: {proc.stderr.strip().splitlines()[-1:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])

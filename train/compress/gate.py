@@ -18,7 +18,9 @@ from train.compress.decode_bench import measure, measure_in_subprocess
 def logical_params(model: nn.Module) -> int:
     """Parameters as the float model counts them (a quantized weight counts its N*K entries)."""
     seen = {id(p): p.numel() for p in model.parameters()}
-    return sum(seen.values()) + sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, QuantLinear))
+    return sum(seen.values()) + sum(
+        m.in_features * m.out_features for m in model.modules() if isinstance(m, QuantLinear)
+    )
 
 
 def nonzero_params(model: nn.Module) -> int:
@@ -34,22 +36,28 @@ def nonzero_params(model: nn.Module) -> int:
 
 def layer_bytes(model: nn.Module) -> int:
     """Bytes of the decoder blocks' tensors (what quantization touches; embeddings/head excluded)."""
-    return sum(t.numel() * t.element_size() for n, t in model.state_dict().items() if n.startswith("model.layers."))
+    return sum(
+        t.numel() * t.element_size() for n, t in model.state_dict().items() if n.startswith("model.layers.")
+    )
 
 
 def bytes_on_disk(path: str | Path) -> int:
     return sum(f.stat().st_size for f in Path(path).iterdir() if f.suffix == ".safetensors")
 
 
-def evaluate(path: str | Path, model: nn.Module, val_tokens: np.ndarray, cfg: EvalConfig,
-             vocab_size: int | None = None) -> dict[str, Any]:
+def evaluate(
+    path: str | Path, model: nn.Module, val_tokens: np.ndarray, cfg: EvalConfig, vocab_size: int | None = None
+) -> dict[str, Any]:
     """All measurements of the checkpoint at ``path`` (``model`` is it, loaded)."""
     from train.evaluate import perplexity
 
-    ppl = perplexity(model, val_tokens, cfg.seq_len, cfg.stride, cfg.batch_size, cfg.max_tokens,
-                     vocab_size=vocab_size)
+    ppl = perplexity(
+        model, val_tokens, cfg.seq_len, cfg.stride, cfg.batch_size, cfg.max_tokens, vocab_size=vocab_size
+    )
     if cfg.isolate:
-        speed = measure_in_subprocess(path, cfg.decode_batches, cfg.decode_prompt, cfg.decode_tokens, cfg.threads)
+        speed = measure_in_subprocess(
+            path, cfg.decode_batches, cfg.decode_prompt, cfg.decode_tokens, cfg.threads
+        )
     else:
         speed = measure(path, cfg.decode_batches, cfg.decode_prompt, cfg.decode_tokens, cfg.threads)
     return {
@@ -76,8 +84,15 @@ def apply_gate(metrics: dict[str, Any], source: dict[str, Any], gate: GateConfig
     bytes_ratio = metrics["bytes"] / source["bytes"]
     b1 = next((k for k in metrics if k.startswith("tok_s_b")), None)
     speedup = metrics[b1] / source[b1] if b1 and source.get(b1) else float("nan")
-    res = GateResult(True, derived={"ppl_increase_pct": round(increase, 3), "retention": round(retention, 4),
-                                    "bytes_ratio": round(bytes_ratio, 4), "speedup": round(speedup, 3)})
+    res = GateResult(
+        True,
+        derived={
+            "ppl_increase_pct": round(increase, 3),
+            "retention": round(retention, 4),
+            "bytes_ratio": round(bytes_ratio, 4),
+            "speedup": round(speedup, 3),
+        },
+    )
     if not np.isfinite(metrics["ppl"]):
         res.reasons.append("ppl is not finite")
     if increase > gate.max_ppl_increase_pct:

@@ -90,8 +90,14 @@ def load_tokens(cfg: CompressConfig, need_train: bool) -> tuple[np.ndarray, np.n
     return val, train, manifest.vocab_size
 
 
-def build_variant(src: Source, v: VariantConfig, cfg: CompressConfig, train_tokens: np.ndarray | None,
-                  out: Path, recovered: Recovered | None = None) -> Path:
+def build_variant(
+    src: Source,
+    v: VariantConfig,
+    cfg: CompressConfig,
+    train_tokens: np.ndarray | None,
+    out: Path,
+    recovered: Recovered | None = None,
+) -> Path:
     """Prune and/or quantize a fresh copy of the source into ``out`` (a checkpoint directory).
 
     With ``recovered``, start from its weights instead: the source pruned ``v``'s way, then distilled.
@@ -99,17 +105,24 @@ def build_variant(src: Source, v: VariantConfig, cfg: CompressConfig, train_toke
     model = Transformer.from_pretrained(src.path if recovered is None else recovered.dir)
     extra: dict[str, Any] = {}
     if getattr(model, "quantization_config", None):
-        raise RetortError(f"source {src.ref} is already quantized ({model.quantization_config['scheme']}); "
-                          "compress a floating-point model")
+        raise RetortError(
+            f"source {src.ref} is already quantized ({model.quantization_config['scheme']}); "
+            "compress a floating-point model"
+        )
     if recovered is not None:
         extra["pruning"], extra["recovery"] = recovered.pruning, recovered.record
     elif v.prune is not None:
         model, extra["pruning"] = prune_model(model, v.prune)
     if v.quant is not None:
-        model, record = quantize(model, v.quant, train_tokens, cfg.eval.calib_tokens, cfg.eval.seq_len, cfg.seed)
+        model, record = quantize(
+            model, v.quant, train_tokens, cfg.eval.calib_tokens, cfg.eval.seq_len, cfg.seed
+        )
         extra["quantization_config"] = {**model.quantization_config, **record}
-    extra["retort_compress"] = {"variant": v.model_dump(mode="json"), "source": src.ref,
-                                "recovered": recovered is not None}
+    extra["retort_compress"] = {
+        "variant": v.model_dump(mode="json"),
+        "source": src.ref,
+        "recovered": recovered is not None,
+    }
     if out.exists():
         shutil.rmtree(out)
     model.save_pretrained(out, extra_config=extra)
@@ -139,16 +152,24 @@ def recover(cfg: CompressConfig, src: Source, v: VariantConfig, out: Path) -> Re
     init = build_variant(src, VariantConfig(name=v.name, prune=v.prune), cfg, None, out / "init")
     pruning = json.loads((init / "config.json").read_text())["pruning"]
     try:
-        dcfg = cfg.recovery_distill(teacher=src.ref, student_init=str(init), data=data_config(cfg),
-                                    run_dir=str(out / "distill"))
+        dcfg = cfg.recovery_distill(
+            teacher=src.ref, student_init=str(init), data=data_config(cfg), run_dir=str(out / "distill")
+        )
     except ValueError as e:
         raise RetortError(str(e)) from None
     t = time.perf_counter()
     metrics = distill(dcfg)
-    record = {"teacher": src.ref, "method": "distill", "steps": dcfg.steps, "lr": dcfg.lr,
-              "tokens": dcfg.steps * dcfg.global_batch * dcfg.seq_len, "loss": dcfg.loss.model_dump(mode="json"),
-              "run_dir": str(out / "distill"), "seconds": round(time.perf_counter() - t, 1),
-              "distill_metrics": {k: metrics[k] for k in ("val_ppl", "train_tokens_per_s") if k in metrics}}
+    record = {
+        "teacher": src.ref,
+        "method": "distill",
+        "steps": dcfg.steps,
+        "lr": dcfg.lr,
+        "tokens": dcfg.steps * dcfg.global_batch * dcfg.seq_len,
+        "loss": dcfg.loss.model_dump(mode="json"),
+        "run_dir": str(out / "distill"),
+        "seconds": round(time.perf_counter() - t, 1),
+        "distill_metrics": {k: metrics[k] for k in ("val_ppl", "train_tokens_per_s") if k in metrics},
+    }
     return Recovered(out / "distill" / "student", pruning, record)
 
 
@@ -156,9 +177,11 @@ def _measure(name: str, path: Path, val: np.ndarray, cfg: CompressConfig, vocab:
     t = time.perf_counter()
     model = Transformer.from_pretrained(path)
     m = evaluate(path, model, val, cfg.eval, vocab_size=vocab)
-    print(f"[compress] {name}: ppl {m['ppl']:.3f}, {m['bytes'] / 1e6:.2f} MB, "
-          f"{', '.join(f'{k}={v}' for k, v in m.items() if k.startswith('tok_s'))} ({time.perf_counter() - t:.0f}s)",
-          flush=True)
+    print(
+        f"[compress] {name}: ppl {m['ppl']:.3f}, {m['bytes'] / 1e6:.2f} MB, "
+        f"{', '.join(f'{k}={v}' for k, v in m.items() if k.startswith('tok_s'))} ({time.perf_counter() - t:.0f}s)",
+        flush=True,
+    )
     return m
 
 
@@ -167,8 +190,12 @@ def publish(cfg: CompressConfig, src: Source, o: Outcome, derived: dict[str, flo
 
     reg = open_registry(cfg.registry)
     name = f"{cfg.publish_prefix or src.name}-{o.name}"
-    lineage = {"parents": [src.ref], "job": "compress", "variant": o.name, "config": json.loads(
-        json.dumps(cfg.model_dump(mode="json")))}
+    lineage = {
+        "parents": [src.ref],
+        "job": "compress",
+        "variant": o.name,
+        "config": json.loads(json.dumps(cfg.model_dump(mode="json"))),
+    }
     if o.recovery is not None:
         lineage["recovery"] = o.recovery
     return str(reg.publish(name, o.dir, lineage=lineage, metrics={**o.metrics, **derived}))
@@ -178,8 +205,17 @@ class Progress:
     """``[compress] (k/N) what``: which step of the job runs now."""
 
     def __init__(self, cfg: CompressConfig) -> None:
-        recoveries = len({json.dumps(v.prune.model_dump(mode="json"), sort_keys=True)
-                          for v in cfg.variants if recovers(v)}) if cfg.recovery.enabled else 0
+        recoveries = (
+            len(
+                {
+                    json.dumps(v.prune.model_dump(mode="json"), sort_keys=True)
+                    for v in cfg.variants
+                    if recovers(v)
+                }
+            )
+            if cfg.recovery.enabled
+            else 0
+        )
         extra_rows = sum(recovers(v) and v.quant is None for v in cfg.variants) if cfg.recovery.enabled else 0
         self.k, self.n = 0, 1 + len(cfg.variants) + recoveries + extra_rows
 
@@ -192,8 +228,10 @@ def run(cfg: CompressConfig, publish_results: bool = True) -> list[Outcome]:
     torch.manual_seed(cfg.seed)
     src = resolve_source(cfg)
     if cfg.recovery.enabled and Path(src.ref).is_absolute():
-        raise RetortError(f"recovery distills from the source as teacher, which must be a registry ref; "
-                          f"source {src.ref} is a directory: publish it first (retort registry publish)")
+        raise RetortError(
+            f"recovery distills from the source as teacher, which must be a registry ref; "
+            f"source {src.ref} is a directory: publish it first (retort registry publish)"
+        )
     out_root = Path(cfg.out_dir).expanduser() / f"{src.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     out_root.mkdir(parents=True, exist_ok=True)
     (out_root / "config.yaml").write_text(dump_yaml(cfg))
@@ -209,8 +247,13 @@ def run(cfg: CompressConfig, publish_results: bool = True) -> list[Outcome]:
     def add(v: VariantConfig, name: str, rec: Recovered | None) -> None:
         step(f"build and measure {name}" + (" (from recovered weights)" if rec is not None else ""))
         path = build_variant(src, v, cfg, train_tokens, out_root / name, rec)
-        o = Outcome(name, path, _measure(name, path, val, cfg, vocab), variant=v,
-                    recovery=rec.record if rec is not None else None)
+        o = Outcome(
+            name,
+            path,
+            _measure(name, path, val, cfg, vocab),
+            variant=v,
+            recovery=rec.record if rec is not None else None,
+        )
         res = apply_gate(o.metrics, base.metrics, v.gate or cfg.gate)
         o.passed, o.reasons = res.passed, res.reasons
         o.metrics.update(res.derived)
@@ -221,7 +264,9 @@ def run(cfg: CompressConfig, publish_results: bool = True) -> list[Outcome]:
         if cfg.recovery.enabled and recovers(v):
             key = json.dumps(v.prune.model_dump(mode="json"), sort_keys=True)
             if key not in recovered:
-                step(f"recovery of {v.name}: distill the pruned model from {src.ref} ({cfg.recovery.steps} steps)")
+                step(
+                    f"recovery of {v.name}: distill the pruned model from {src.ref} ({cfg.recovery.steps} steps)"
+                )
                 recovered[key] = recover(cfg, src, v, out_root / f"recovery-{len(recovered)}")
             rec = recovered[key]
         if rec is None or v.quant is None:  # the plain pruned row stays, next to the recovered one
@@ -237,8 +282,11 @@ def run(cfg: CompressConfig, publish_results: bool = True) -> list[Outcome]:
     print(report, flush=True)
     failed = [o for o in outcomes if not o.passed]
     if failed and cfg.fail_on_gate and publish_results:
-        raise JobFailed("gate refused " + ", ".join(f"{o.name} ({'; '.join(o.reasons)})" for o in failed)
-                        + f"; nothing published for them (table: {out_root / 'report.md'})")
+        raise JobFailed(
+            "gate refused "
+            + ", ".join(f"{o.name} ({'; '.join(o.reasons)})" for o in failed)
+            + f"; nothing published for them (table: {out_root / 'report.md'})"
+        )
     return outcomes
 
 
@@ -246,7 +294,11 @@ def write_report(out_root: Path, base: Outcome, outcomes: list[Outcome], cfg: Co
     rows = [{"name": "baseline", **base.metrics, "gate": "source"}]
     for o in outcomes:
         gate = ("pass -> " + o.published) if o.published else ("pass" if o.passed else "FAIL")
-        name = f"{o.name} (recovered)" if o.recovery is not None and not o.name.endswith("-recovered") else o.name
+        name = (
+            f"{o.name} (recovered)"
+            if o.recovery is not None and not o.name.endswith("-recovered")
+            else o.name
+        )
         rows.append({"name": name, **o.metrics, "gate": gate, "reasons": o.reasons})
     table = optimization_table(rows, cfg.eval.decode_batches)
     mse = bitwidth_table(bitwidth_mse(Transformer.from_pretrained(base.dir)))

@@ -34,8 +34,9 @@ def _check_sparsity(sparsity: float, field: str = "prune.sparsity") -> None:
 
 
 @torch.no_grad()
-def magnitude_prune(model: Transformer, sparsity: float, scope: str = "global",
-                    include_lm_head: bool = False) -> dict[str, float]:
+def magnitude_prune(
+    model: Transformer, sparsity: float, scope: str = "global", include_lm_head: bool = False
+) -> dict[str, float]:
     """Zero the ``sparsity`` fraction of smallest-|w| weights; returns per-layer sparsity."""
     _check_sparsity(sparsity)
     layers = prunable(model, include_lm_head)
@@ -57,7 +58,9 @@ def magnitude_prune(model: Transformer, sparsity: float, scope: str = "global",
 
 
 @torch.no_grad()
-def semi_structured_prune(model: Transformer, n: int = 2, m: int = 4, include_lm_head: bool = False) -> dict[str, float]:
+def semi_structured_prune(
+    model: Transformer, n: int = 2, m: int = 4, include_lm_head: bool = False
+) -> dict[str, float]:
     """N:M sparsity along the input dimension: in every m consecutive weights keep the n largest."""
     out = {}
     for name, lin in prunable(model, include_lm_head):
@@ -92,7 +95,9 @@ def _mlp_channels(model: Transformer, d_ff_new: int) -> list[torch.Tensor]:
     for block in model.model.layers:
         mlp = block.mlp
         # channel j: how much it can write ((|gate_j| + |up_j|) * |down_:,j|)
-        score = (mlp.gate_proj.weight.norm(dim=1) + mlp.up_proj.weight.norm(dim=1)) * mlp.down_proj.weight.norm(dim=0)
+        score = (
+            mlp.gate_proj.weight.norm(dim=1) + mlp.up_proj.weight.norm(dim=1)
+        ) * mlp.down_proj.weight.norm(dim=0)
         keep.append(_keep(score, d_ff_new))
     return keep
 
@@ -118,8 +123,9 @@ def _head_rows(heads: torch.Tensor, D: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def structured_prune(model: Transformer, mlp_sparsity: float, head_sparsity: float = 0.0,
-                     channel_multiple: int = 32) -> Transformer:
+def structured_prune(
+    model: Transformer, mlp_sparsity: float, head_sparsity: float = 0.0, channel_multiple: int = 32
+) -> Transformer:
     """A new, smaller Transformer: MLP channels and (optionally) query heads removed per layer."""
     _check_sparsity(mlp_sparsity, "prune.sparsity")
     if not 0.0 <= head_sparsity < 1.0:
@@ -129,11 +135,19 @@ def structured_prune(model: Transformer, mlp_sparsity: float, head_sparsity: flo
     d_ff_new = max(channel_multiple, min(d_ff_new, cfg.d_ff))
     rep = cfg.n_heads // cfg.n_kv_heads
     if head_sparsity > 0 and rep == 1:
-        raise RetortError("prune.head_sparsity needs grouped-query attention (n_heads > n_kv_heads): removing "
-                          "a head of an MHA model would need removing its KV head too")
+        raise RetortError(
+            "prune.head_sparsity needs grouped-query attention (n_heads > n_kv_heads): removing "
+            "a head of an MHA model would need removing its KV head too"
+        )
     rep_new = max(1, int(round(rep * (1 - head_sparsity))))
-    new_cfg = type(cfg)(**{**cfg.model_dump(), "d_ff": d_ff_new, "n_heads": cfg.n_kv_heads * rep_new,
-                           "head_dim": cfg.dim_head})
+    new_cfg = type(cfg)(
+        **{
+            **cfg.model_dump(),
+            "d_ff": d_ff_new,
+            "n_heads": cfg.n_kv_heads * rep_new,
+            "head_dim": cfg.dim_head,
+        }
+    )
     channels, heads = _mlp_channels(model, d_ff_new), _heads(model, rep_new)
     with torch.device("meta"):
         small = Transformer(new_cfg)
@@ -151,7 +165,11 @@ def structured_prune(model: Transformer, mlp_sparsity: float, head_sparsity: flo
         b.k_proj, b.v_proj = a.k_proj, a.v_proj
         m, mn = old.mlp, new.mlp
         ch = channels[i]
-        mn.gate_proj, mn.up_proj, mn.down_proj = _slice(m.gate_proj, rows=ch), _slice(m.up_proj, rows=ch), _slice(m.down_proj, cols=ch)
+        mn.gate_proj, mn.up_proj, mn.down_proj = (
+            _slice(m.gate_proj, rows=ch),
+            _slice(m.up_proj, rows=ch),
+            _slice(m.down_proj, cols=ch),
+        )
     return small.eval()
 
 
@@ -170,12 +188,20 @@ def prune_model(model: Transformer, cfg: PruneConfig) -> tuple[Transformer, dict
     else:
         model = structured_prune(model, cfg.sparsity, cfg.head_sparsity, cfg.channel_multiple)
         per_layer = {}
-        record.update(mlp_sparsity=cfg.sparsity, head_sparsity=cfg.head_sparsity,
-                      d_ff=model.cfg.d_ff, n_heads=model.cfg.n_heads, params_before=before)
+        record.update(
+            mlp_sparsity=cfg.sparsity,
+            head_sparsity=cfg.head_sparsity,
+            d_ff=model.cfg.d_ff,
+            n_heads=model.cfg.n_heads,
+            params_before=before,
+        )
     if per_layer:
         total = sum(m.weight.numel() for _, m in prunable(model, cfg.include_lm_head))
-        zeros = sum(s * m.weight.numel() for (n, m) in prunable(model, cfg.include_lm_head)
-                    for s in [per_layer.get(n, 0.0)])
+        zeros = sum(
+            s * m.weight.numel()
+            for (n, m) in prunable(model, cfg.include_lm_head)
+            for s in [per_layer.get(n, 0.0)]
+        )
         record["sparsity"] = round(zeros / total, 6)
         record["layers"] = {n: round(s, 6) for n, s in per_layer.items()}
     record["params"] = model.num_params()

@@ -51,7 +51,9 @@ def awq_groups(model: Transformer) -> list[tuple[nn.Module, str, list[str]]]:
 
 
 @torch.no_grad()
-def search_scale(x: torch.Tensor, weights: list[torch.Tensor], q: QuantSettings, symmetric: bool) -> tuple[torch.Tensor, float]:
+def search_scale(
+    x: torch.Tensor, weights: list[torch.Tensor], q: QuantSettings, symmetric: bool
+) -> tuple[torch.Tensor, float]:
     """x (n, K), weights [(N_i, K)] -> best scale s (K,) and its exponent a."""
     x_mean = x.abs().mean(dim=0).clamp(min=1e-6)  # (K,)
     ref = [x @ w.t() for w in weights]  # [(n, N_i)]
@@ -73,7 +75,9 @@ def search_scale(x: torch.Tensor, weights: list[torch.Tensor], q: QuantSettings,
 
 
 @torch.no_grad()
-def awq_scale(model: Transformer, inputs: dict[str, torch.Tensor], q: QuantSettings, symmetric: bool) -> dict[str, float]:
+def awq_scale(
+    model: Transformer, inputs: dict[str, torch.Tensor], q: QuantSettings, symmetric: bool
+) -> dict[str, float]:
     """Fold the searched scales into the model in place; returns consumer -> chosen exponent."""
     mods = dict(model.named_modules())
     chosen: dict[str, float] = {}
@@ -103,8 +107,14 @@ def check_quantizable(model: Transformer, q: QuantSettings) -> None:
             quant.check_group_size(q.group_size, lin.in_features, name)
 
 
-def quantize(model: Transformer, q: QuantSettings, calib_tokens: np.ndarray | None = None,
-             calib_n_tokens: int = 8192, seq_len: int = 128, seed: int = 0) -> tuple[Transformer, dict[str, Any]]:
+def quantize(
+    model: Transformer,
+    q: QuantSettings,
+    calib_tokens: np.ndarray | None = None,
+    calib_n_tokens: int = 8192,
+    seq_len: int = 128,
+    seed: int = 0,
+) -> tuple[Transformer, dict[str, Any]]:
     """Quantize ``model`` in place per ``q``; returns it and the record written into config.json."""
     symmetric = q.symmetric if q.symmetric is not None else q.scheme not in quant.GROUPED
     check_quantizable(model, q)
@@ -116,17 +126,26 @@ def quantize(model: Transformer, q: QuantSettings, calib_tokens: np.ndarray | No
         names = sorted({n for _, _, ns in awq_groups(model) for n in ns})
         inputs = collect_inputs(model, batches, names, seed=seed)
         exps = awq_scale(model, inputs, q, symmetric)
-        record.update(calib_tokens=sum(b.numel() for b in batches),
-                      awq_mean_exponent=round(float(np.mean(list(exps.values()))) if exps else 0.0, 4))
-    quant.quantize_model(model, q.scheme, q.group_size if q.scheme in quant.GROUPED else None, symmetric,
-                         q.modules_not_converted)
+        record.update(
+            calib_tokens=sum(b.numel() for b in batches),
+            awq_mean_exponent=round(float(np.mean(list(exps.values()))) if exps else 0.0, 4),
+        )
+    quant.quantize_model(
+        model,
+        q.scheme,
+        q.group_size if q.scheme in quant.GROUPED else None,
+        symmetric,
+        q.modules_not_converted,
+    )
     return model, record
 
 
 def bitwidth_mse(model: nn.Module, bits: range = range(1, 9)) -> dict[int, float]:
     """The seed's per-bit-width error on real weights: symmetric per-channel RTN at 2..8 bits,
     sign * mean|w| (binary) at 1 bit; MSE averaged over every linear weight element."""
-    ws = [m.weight.detach().float() for n, m in model.named_modules() if type(m) is nn.Linear and "layers" in n]
+    ws = [
+        m.weight.detach().float() for n, m in model.named_modules() if type(m) is nn.Linear and "layers" in n
+    ]
     if not ws:
         raise RetortError("bitwidth_mse: the model has no floating-point linear layers")
     out = {}

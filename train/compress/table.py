@@ -17,21 +17,45 @@ def optimization_table(rows: list[dict[str, Any]], batches: list[int]) -> str:
     """
     base = rows[0]
     b0 = f"tok_s_b{batches[0]}"
-    head = ["variant", "params", "nonzero", "bytes", "block bytes", "ppl", "retention", *[f"tok/s b{b}" for b in batches],
-            "speedup", "compression", "peak RSS (model)", "kernels", "gate"]
+    head = [
+        "variant",
+        "params",
+        "nonzero",
+        "bytes",
+        "block bytes",
+        "ppl",
+        "retention",
+        *[f"tok/s b{b}" for b in batches],
+        "speedup",
+        "compression",
+        "peak RSS (model)",
+        "kernels",
+        "gate",
+    ]
     lines = []
     for r in rows:
         gate = r.get("gate", "")
         if r.get("reasons"):
             gate = f"{gate}: " + "; ".join(r["reasons"])
-        lines.append([
-            r["name"], f"{r['params'] / 1e6:.3f}M", f"{r['nonzero_params'] / 1e6:.3f}M", _mb(r["bytes"]),
-            f"{_mb(r['layer_bytes'])} ({r['layer_bytes'] / base['layer_bytes']:.2f})" if "layer_bytes" in r else "-",
-            f"{r['ppl']:.3f}", f"{100 * base['ppl'] / r['ppl']:.1f}%",
-            *[f"{r.get(f'tok_s_b{b}', float('nan')):.1f}" for b in batches],
-            f"{r[b0] / base[b0]:.2f}x", f"{base['bytes'] / r['bytes']:.2f}x",
-            f"{r.get('peak_rss_mb', float('nan')):.0f} MB ({r.get('model_rss_mb', float('nan')):.0f})", ",".join(r.get("kernels") or []) or "-", gate,
-        ])
+        lines.append(
+            [
+                r["name"],
+                f"{r['params'] / 1e6:.3f}M",
+                f"{r['nonzero_params'] / 1e6:.3f}M",
+                _mb(r["bytes"]),
+                f"{_mb(r['layer_bytes'])} ({r['layer_bytes'] / base['layer_bytes']:.2f})"
+                if "layer_bytes" in r
+                else "-",
+                f"{r['ppl']:.3f}",
+                f"{100 * base['ppl'] / r['ppl']:.1f}%",
+                *[f"{r.get(f'tok_s_b{b}', float('nan')):.1f}" for b in batches],
+                f"{r[b0] / base[b0]:.2f}x",
+                f"{base['bytes'] / r['bytes']:.2f}x",
+                f"{r.get('peak_rss_mb', float('nan')):.0f} MB ({r.get('model_rss_mb', float('nan')):.0f})",
+                ",".join(r.get("kernels") or []) or "-",
+                gate,
+            ]
+        )
     return render([head, *lines])
 
 

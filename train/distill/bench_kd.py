@@ -60,7 +60,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--chunk", type=int, default=8192)
     ap.add_argument("--no-compile", action="store_true")
-    ap.add_argument("--profile", default=None, help="write a torch.profiler kernel table of the whole step here")
+    ap.add_argument(
+        "--profile", default=None, help="write a torch.profiler kernel table of the whole step here"
+    )
     args = ap.parse_args(argv)
 
     from cluster.config import load_config
@@ -81,7 +83,9 @@ def main(argv: list[str] | None = None) -> int:
     B, T, V = args.batch, cfg.seq_len, cfg.data.vocab_size
     N = B * T
     student = Transformer(cfg.student_model()).init_weights(0).to(dev, dt)
-    teacher = Transformer(preset(args.teacher_preset)).init_weights(1).to(dev, dt).eval().requires_grad_(False)
+    teacher = (
+        Transformer(preset(args.teacher_preset)).init_weights(1).to(dev, dt).eval().requires_grad_(False)
+    )
     if compile:
         compile_blocks(student, teacher)
     fpt, tfpt = flops_per_token(cfg), teacher_flops_per_token(cfg, teacher)
@@ -97,11 +101,17 @@ def main(argv: list[str] | None = None) -> int:
     ms = bench(lambda a=a, b=b: a @ b, args.reps)
     rows.append((f"gemm {m}^3", ms, tflops(2 * m**3, ms)))
     s, tc = student.cfg, teacher.cfg
-    shapes = [("student qkv", s.d_model, 3 * s.d_model), ("student o", s.d_model, s.d_model),
-              ("student gate+up", s.d_model, 2 * s.d_ff), ("student down", s.d_ff, s.d_model),
-              ("student head", s.d_model, V), ("teacher qkv", tc.d_model, 3 * tc.d_model),
-              ("teacher gate+up", tc.d_model, 2 * tc.d_ff), ("teacher down", tc.d_ff, tc.d_model),
-              ("teacher head", tc.d_model, V)]
+    shapes = [
+        ("student qkv", s.d_model, 3 * s.d_model),
+        ("student o", s.d_model, s.d_model),
+        ("student gate+up", s.d_model, 2 * s.d_ff),
+        ("student down", s.d_ff, s.d_model),
+        ("student head", s.d_model, V),
+        ("teacher qkv", tc.d_model, 3 * tc.d_model),
+        ("teacher gate+up", tc.d_model, 2 * tc.d_ff),
+        ("teacher down", tc.d_ff, tc.d_model),
+        ("teacher head", tc.d_model, V),
+    ]
     for name, k, n in shapes:
         x, w = torch.randn(N, k, device=dev, dtype=dt), torch.randn(n, k, device=dev, dtype=dt)
         ms = bench(lambda x=x, w=w: x @ w.T, args.reps)
@@ -122,9 +132,19 @@ def main(argv: list[str] | None = None) -> int:
 
     def fused(comp: bool):
         def f():
-            out = fused_kd_loss(h, w_s, h_t, teacher.lm_head.weight, y, cfg.loss, vocab_size=V,
-                                chunk_size=args.chunk, compile=comp)
+            out = fused_kd_loss(
+                h,
+                w_s,
+                h_t,
+                teacher.lm_head.weight,
+                y,
+                cfg.loss,
+                vocab_size=V,
+                chunk_size=args.chunk,
+                compile=comp,
+            )
             return out, torch.autograd.grad(out["loss"], [h, w_s])
+
         return f
 
     ref_out, ref_g = ref_loss()
@@ -134,15 +154,23 @@ def main(argv: list[str] | None = None) -> int:
     loss_ms = {}
     for name, fn in variants:
         out, grads = fn()
-        err = max(abs(float(out[k].detach()) - float(ref_out[k].detach())) / abs(float(ref_out[k].detach()))
-                  for k in ("loss", "kd", "ce"))
+        err = max(
+            abs(float(out[k].detach()) - float(ref_out[k].detach())) / abs(float(ref_out[k].detach()))
+            for k in ("loss", "kd", "ce")
+        )
         ms = bench(fn, args.reps)
         loss_ms[name] = ms
         torch.cuda.reset_peak_memory_stats() if dev.type == "cuda" else None
         fn()
         mem = torch.cuda.max_memory_allocated() / 2**30 if dev.type == "cuda" else float("nan")
-        rows.append((name, ms, f"{tflops(head_flop, ms)} on the heads; vs ref: values {err:.1e}, "
-                               f"dh {rel(grads[0], ref_g[0]):.1e}, dW {rel(grads[1], ref_g[1]):.1e}; peak {mem:.1f} GiB"))
+        rows.append(
+            (
+                name,
+                ms,
+                f"{tflops(head_flop, ms)} on the heads; vs ref: values {err:.1e}, "
+                f"dh {rel(grads[0], ref_g[0]):.1e}, dW {rel(grads[1], ref_g[1]):.1e}; peak {mem:.1f} GiB",
+            )
+        )
     del ref_out, ref_g
 
     # --- the models
@@ -153,18 +181,35 @@ def main(argv: list[str] | None = None) -> int:
     gh = torch.randn(B, T, s.d_model, device=dev, dtype=dt)
     ms_s = bench(lambda: decoder_hidden(student, x).backward(gh), args.reps)
     rows.append(("student decoder fwd+bwd (no head)", ms_s, tflops(N * (fpt - 6 * s.d_model * V), ms_s)))
-    master = [p.detach().float().clone().requires_grad_() for p in {id(p): p for p in student.parameters()}.values()]
+    master = [
+        p.detach().float().clone().requires_grad_() for p in {id(p): p for p in student.parameters()}.values()
+    ]
     for p in master:
         p.grad = torch.randn_like(p)
     opt = torch.optim.AdamW(master, lr=1e-4, fused=dev.type == "cuda")
     ms_o = bench(opt.step, args.reps)
-    rows.append(("AdamW step (fp32 master, fused on CUDA)", ms_o, f"{sum(p.numel() for p in master) / 1e6:.1f}M params"))
+    rows.append(
+        (
+            "AdamW step (fp32 master, fused on CUDA)",
+            ms_o,
+            f"{sum(p.numel() for p in master) / 1e6:.1f}M params",
+        )
+    )
 
     def step(comp: bool):
         with torch.no_grad():
             ht = decoder_hidden(teacher, x)
-        out = fused_kd_loss(decoder_hidden(student, x), student.lm_head.weight, ht, teacher.lm_head.weight, y,
-                            cfg.loss, vocab_size=V, chunk_size=args.chunk, compile=comp)
+        out = fused_kd_loss(
+            decoder_hidden(student, x),
+            student.lm_head.weight,
+            ht,
+            teacher.lm_head.weight,
+            y,
+            cfg.loss,
+            vocab_size=V,
+            chunk_size=args.chunk,
+            compile=comp,
+        )
         out["loss"].backward()
         opt.step()
         student.zero_grad(set_to_none=True)
@@ -182,21 +227,27 @@ def main(argv: list[str] | None = None) -> int:
         with open(args.profile, "w") as f:
             f.write(prof.key_averages().table(sort_by="cuda_time_total", row_limit=40))
 
-    print(f"\nbench_kd: {torch.cuda.get_device_name() if dev.type == 'cuda' else 'cpu'}, B={B} T={T} (N={N}), "
-          f"V={V}, student d={s.d_model} L={s.n_layers}, teacher d={tc.d_model} L={tc.n_layers}, chunk {args.chunk}, "
-          f"compile={compile}, loss {cfg.loss.kind} T={cfg.loss.temperature}")
+    print(
+        f"\nbench_kd: {torch.cuda.get_device_name() if dev.type == 'cuda' else 'cpu'}, B={B} T={T} (N={N}), "
+        f"V={V}, student d={s.d_model} L={s.n_layers}, teacher d={tc.d_model} L={tc.n_layers}, chunk {args.chunk}, "
+        f"compile={compile}, loss {cfg.loss.kind} T={cfg.loss.temperature}"
+    )
     print(f"{'what':58s} {'ms':>9s}  notes")
     for name, ms, note in rows:
         print(f"{name:58s} {ms:9.2f}  {note}")
     ref_ms = loss_ms["loss reference kd_loss"]
-    print(f"loss: fused {ref_ms / loss_ms[variants[-1][0]]:.1f}x faster than the reference; "
-          f"fused loss = {loss_share:.0%} of the whole step")
+    print(
+        f"loss: fused {ref_ms / loss_ms[variants[-1][0]]:.1f}x faster than the reference; "
+        f"fused loss = {loss_share:.0%} of the whole step"
+    )
     mfu = N * fpt / (ms_step * 1e-3) / peak
     hfu = N * (fpt + tfpt) / (ms_step * 1e-3) / peak
     alone = ms_s + loss_ms[variants[-1][0]] * (3 * s.d_model) / (3 * s.d_model + tc.d_model) + ms_o
     print(f"whole step: MFU {mfu:.1%}, HFU incl. teacher {hfu:.1%} (peak {peak / 1e12:.0f} TFLOP/s)")
-    print(f"student alone (decoder fwd+bwd + its share of the loss + AdamW, {alone:.1f} ms): "
-          f"MFU {N * fpt / (alone * 1e-3) / peak:.1%}")
+    print(
+        f"student alone (decoder fwd+bwd + its share of the loss + AdamW, {alone:.1f} ms): "
+        f"MFU {N * fpt / (alone * 1e-3) / peak:.1%}"
+    )
     return 0
 
 

@@ -46,19 +46,22 @@ def gather_student_state(engine, cfg: DistillConfig) -> dict[str, torch.Tensor] 
     if sd is None or dist.get_rank() != 0:
         return None
     prefix = "student."
-    return {k[len(prefix):]: v.detach().float().cpu() for k, v in sd.items() if k.startswith(prefix)}
+    return {k[len(prefix) :]: v.detach().float().cpu() for k, v in sd.items() if k.startswith(prefix)}
 
 
 def student_from_state(cfg: DistillConfig, sd: dict[str, torch.Tensor]) -> Transformer:
     model = Transformer(cfg.student_model())
     if cfg.student_model().tie_embeddings:
-        sd = {k: v for k, v in sd.items() if k != "lm_head.weight"} | {"lm_head.weight": sd["model.embed_tokens.weight"]}
+        sd = {k: v for k, v in sd.items() if k != "lm_head.weight"} | {
+            "lm_head.weight": sd["model.embed_tokens.weight"]
+        }
     model.load_state_dict({k: v.float() for k, v in sd.items()}, strict=True)
     return model.eval()
 
 
-def evaluate(cfg: DistillConfig, plan: Plan, student: Transformer, teacher: Transformer | None,
-             device: torch.device) -> dict[str, Any]:
+def evaluate(
+    cfg: DistillConfig, plan: Plan, student: Transformer, teacher: Transformer | None, device: torch.device
+) -> dict[str, Any]:
     """Held-out perplexity of the student (and teacher), retention = teacher ppl / student ppl."""
     from train.data import load_split
     from train.evaluate import perplexity, retention
@@ -66,10 +69,18 @@ def evaluate(cfg: DistillConfig, plan: Plan, student: Transformer, teacher: Tran
     tokens = load_split(plan.data_dir, "val")
     seq = cfg.eval.seq_len or cfg.seq_len
     stride = cfg.eval.stride or seq
-    kw = dict(seq_len=seq, stride=stride, batch_size=cfg.eval.batch_size, max_tokens=cfg.eval.max_tokens,
-              vocab_size=plan.vocab_size)
-    out: dict[str, Any] = {"eval_seq_len": seq, "eval_stride": stride,
-                           "eval_tokens": min(len(tokens), cfg.eval.max_tokens or len(tokens))}
+    kw = dict(
+        seq_len=seq,
+        stride=stride,
+        batch_size=cfg.eval.batch_size,
+        max_tokens=cfg.eval.max_tokens,
+        vocab_size=plan.vocab_size,
+    )
+    out: dict[str, Any] = {
+        "eval_seq_len": seq,
+        "eval_stride": stride,
+        "eval_tokens": min(len(tokens), cfg.eval.max_tokens or len(tokens)),
+    }
     with torch.no_grad():
         out["val_ppl"] = perplexity(student.to(device), tokens, **kw)
         if cfg.eval.teacher and plan.teacher_dir is not None:
@@ -94,8 +105,14 @@ def write_hf_dir(student: Transformer, out: Path, tokenizer_dir: Path, info: dic
     return out
 
 
-def finish_worker(cfg: DistillConfig, plan: Plan, res: dict[str, Any], hooks: Hooks, tokenizer_dir: str,
-                  train_stats: dict[str, Any]) -> dict[str, Any] | None:
+def finish_worker(
+    cfg: DistillConfig,
+    plan: Plan,
+    res: dict[str, Any],
+    hooks: Hooks,
+    tokenizer_dir: str,
+    train_stats: dict[str, Any],
+) -> dict[str, Any] | None:
     """All ranks: gather; rank 0: evaluate + write the HF dir and report it as the final checkpoint."""
     from train.distill.loop import device_for
 
@@ -107,17 +124,27 @@ def finish_worker(cfg: DistillConfig, plan: Plan, res: dict[str, Any], hooks: Ho
         metrics = evaluate(cfg, plan, student, res.get("teacher"), device_for(cfg))
         final.update(metrics, **train_stats)
         out_dir = tempfile.mkdtemp(prefix="retort-student-")
-        write_hf_dir(student, Path(out_dir) / "hf", Path(tokenizer_dir),
-                     {"metrics": final, "config_hash": plan.config_hash, "config": cfg.model_dump(mode="json")})
-        (Path(out_dir) / "meta.json").write_text(json.dumps({"kind": "final", "step": res["step"],
-                                                             "config_hash": plan.config_hash}))
-        print("final: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                                    for k, v in final.items()), flush=True)
+        write_hf_dir(
+            student,
+            Path(out_dir) / "hf",
+            Path(tokenizer_dir),
+            {"metrics": final, "config_hash": plan.config_hash, "config": cfg.model_dump(mode="json")},
+        )
+        (Path(out_dir) / "meta.json").write_text(
+            json.dumps({"kind": "final", "step": res["step"], "config_hash": plan.config_hash})
+        )
+        print(
+            "final: "
+            + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in final.items()),
+            flush=True,
+        )
     hooks.report(final, out_dir)
     return final if sd is not None else None
 
 
-def publish_student(cfg: DistillConfig, hf_dir: Path, metrics: dict[str, Any], lineage: dict[str, Any]) -> str:
+def publish_student(
+    cfg: DistillConfig, hf_dir: Path, metrics: dict[str, Any], lineage: dict[str, Any]
+) -> str:
     """Publish ``hf_dir`` to the registry (and move the alias); returns ``name:VERSION``."""
     from cluster.registry import open_registry
 

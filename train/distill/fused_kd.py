@@ -62,8 +62,14 @@ def decoder_hidden(model: Transformer, tokens: torch.Tensor) -> torch.Tensor:
 
 
 def kd_chunk(
-    s: torch.Tensor, t: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor,
-    temperature: float, alpha: float, kind: str, beta: float,
+    s: torch.Tensor,
+    t: torch.Tensor,
+    labels: torch.Tensor,
+    weight: torch.Tensor,
+    temperature: float,
+    alpha: float,
+    kind: str,
+    beta: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One chunk: logits ``s, t (c, V)``, ``labels (c,)``, row weights ``weight (c,)`` (mask / n_tok).
 
@@ -134,11 +140,13 @@ class _FusedDenseKD(torch.autograd.Function):
         kd = torch.zeros((), dtype=torch.float32, device=h.device)
         ce = torch.zeros((), dtype=torch.float32, device=h.device)
         for i in range(0, N, chunk):
-            hc = h[i:i + chunk]
+            hc = h[i : i + chunk]
             s = hc @ w_v.T  # (c, V)
-            t = h_t[i:i + chunk] @ wt_v.T  # (c, V)
-            g, kd_c, ce_c = fn(s, t, labels[i:i + chunk], weight[i:i + chunk], temperature, alpha, kind, beta)
-            grad_h[i:i + chunk] = g @ w_v
+            t = h_t[i : i + chunk] @ wt_v.T  # (c, V)
+            g, kd_c, ce_c = fn(
+                s, t, labels[i : i + chunk], weight[i : i + chunk], temperature, alpha, kind, beta
+            )
+            grad_h[i : i + chunk] = g @ w_v
             if want_w:
                 grad_w += (g.T @ hc).float()
             kd += kd_c
@@ -154,8 +162,20 @@ class _FusedDenseKD(torch.autograd.Function):
     def backward(ctx, g_loss, _g_kd, _g_ce):
         grad_h, grad_w = ctx.saved_tensors
         grad_w = grad_w * g_loss.to(grad_w.dtype) if ctx.needs_input_grad[1] else None
-        return (grad_h * g_loss.to(grad_h.dtype), grad_w,
-                None, None, None, None, None, None, None, None, None, None)
+        return (
+            grad_h * g_loss.to(grad_h.dtype),
+            grad_w,
+            None,
+            None,
+            None,
+            None,
+            None,
+            None,
+            None,
+            None,
+            None,
+            None,
+        )
 
 
 def fused_kd_loss(
@@ -190,7 +210,9 @@ def fused_kd_loss(
     if labels.shape != (B, T):
         raise RetortError(f"labels shape {tuple(labels.shape)} != student hidden's (B, T) = {(B, T)}")
     if teacher_hidden.shape[:2] != (B, T):
-        raise RetortError(f"teacher hidden {tuple(teacher_hidden.shape)} does not match student (B, T) = {(B, T)}")
+        raise RetortError(
+            f"teacher hidden {tuple(teacher_hidden.shape)} does not match student (B, T) = {(B, T)}"
+        )
     if lm_head_weight.shape[1] != d or teacher_head_weight.shape[1] != teacher_hidden.shape[-1]:
         raise RetortError(
             f"LM-head weights {tuple(lm_head_weight.shape)} / {tuple(teacher_head_weight.shape)} do not match the hidden "
@@ -201,9 +223,18 @@ def fused_kd_loss(
     V = _real_vocab(lm_head_weight.shape[0], teacher_head_weight.shape[0], vocab_size)
     flat_labels = labels.reshape(-1)
     loss, kd, ce = _FusedDenseKD.apply(
-        student_hidden.reshape(B * T, d), lm_head_weight, teacher_hidden.detach().reshape(B * T, -1),
-        teacher_head_weight.detach(), flat_labels, V, float(cfg.temperature), float(cfg.alpha), cfg.kind,
-        float(cfg.beta), chunk_size, _chunk_fn(compile),
+        student_hidden.reshape(B * T, d),
+        lm_head_weight,
+        teacher_hidden.detach().reshape(B * T, -1),
+        teacher_head_weight.detach(),
+        flat_labels,
+        V,
+        float(cfg.temperature),
+        float(cfg.alpha),
+        cfg.kind,
+        float(cfg.beta),
+        chunk_size,
+        _chunk_fn(compile),
     )
     out = {"loss": loss, "kd": kd, "ce": ce}
     if cfg.hidden_weight > 0:

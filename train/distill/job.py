@@ -46,10 +46,14 @@ def check_run_dir(cfg: DistillConfig, run_dir: Path) -> bool:
                 "or choose a new run_dir"
             )
     if (run_dir / "result.json").is_file():
-        raise RetortError(f"{run_dir} holds a finished run (see its result.json and student/): choose a new run_dir")
+        raise RetortError(
+            f"{run_dir} holds a finished run (see its result.json and student/): choose a new run_dir"
+        )
     run_dir.mkdir(parents=True, exist_ok=True)
-    marker.write_text(json.dumps({"training_hash": cfg.training_hash(), "config": cfg.model_dump(mode="json")},
-                                 indent=2) + "\n")
+    marker.write_text(
+        json.dumps({"training_hash": cfg.training_hash(), "config": cfg.model_dump(mode="json")}, indent=2)
+        + "\n"
+    )
     (run_dir / "config.yaml").write_text(dump_yaml(cfg))
     return has_ckpt
 
@@ -71,21 +75,40 @@ def make_plan(cfg: DistillConfig, job_id: str) -> tuple[Plan, dict[str, Any]]:
     check_same_tokenizer(teacher_dir, data.tokenizer_sha256)
     teacher_cfg = json.loads((Path(teacher_dir) / "config.json").read_text())
     if teacher_cfg.get("vocab_size", 0) < data.vocab_size:
-        raise RetortError(f"teacher {teacher_ref} has vocab_size {teacher_cfg.get('vocab_size')} < the tokenizer's {data.vocab_size}")
+        raise RetortError(
+            f"teacher {teacher_ref} has vocab_size {teacher_cfg.get('vocab_size')} < the tokenizer's {data.vocab_size}"
+        )
     topk_dir = None
     if cfg.teacher_source == "topk":
         from train.topk import TopKCache, weights_sha256
 
-        cache = TopKCache(find_topk_dir(cfg, Path(data.dir), teacher_ref), verify=True)  # every shard's sha256: missing/corrupt -> error here
-        cache.check(data_fingerprint=data.fingerprint, seq_len=cfg.seq_len, teacher_sha256=weights_sha256(teacher_dir))
+        cache = TopKCache(
+            find_topk_dir(cfg, Path(data.dir), teacher_ref), verify=True
+        )  # every shard's sha256: missing/corrupt -> error here
+        cache.check(
+            data_fingerprint=data.fingerprint, seq_len=cfg.seq_len, teacher_sha256=weights_sha256(teacher_dir)
+        )
         topk_dir = str(cache.dir.resolve())
     run_dir = run_dir_of(cfg)
     resuming = check_run_dir(cfg, run_dir)
-    plan = Plan(data_dir=str(data.dir), vocab_size=data.vocab_size, teacher_dir=str(teacher_dir), topk_dir=topk_dir,
-                config_hash=cfg.training_hash(), job_id=job_id, metrics_path=str(run_dir / "metrics.jsonl"))
-    info = {"teacher_ref": str(teacher_ref), "data_fingerprint": data.fingerprint,
-            "tokenizer_sha256": data.tokenizer_sha256, "tokenizer_dir": str(data.tokenizer_dir),
-            "run_dir": str(run_dir), "resuming": resuming, "student_init_ref": init_ref}
+    plan = Plan(
+        data_dir=str(data.dir),
+        vocab_size=data.vocab_size,
+        teacher_dir=str(teacher_dir),
+        topk_dir=topk_dir,
+        config_hash=cfg.training_hash(),
+        job_id=job_id,
+        metrics_path=str(run_dir / "metrics.jsonl"),
+    )
+    info = {
+        "teacher_ref": str(teacher_ref),
+        "data_fingerprint": data.fingerprint,
+        "tokenizer_sha256": data.tokenizer_sha256,
+        "tokenizer_dir": str(data.tokenizer_dir),
+        "run_dir": str(run_dir),
+        "resuming": resuming,
+        "student_init_ref": init_ref,
+    }
     return plan, info
 
 
@@ -114,8 +137,10 @@ def pin_student_init(cfg: DistillConfig, reg, tokenizer_sha256: str) -> str:
         path, ref = Path(reg.resolve(pinned)), str(pinned)
     hf = read_hf_config(path)
     if hf.get("quantization_config"):
-        raise RetortError(f"student_init {ref} is quantized ({hf['quantization_config'].get('scheme')}); "
-                          "distillation trains floating-point weights")
+        raise RetortError(
+            f"student_init {ref} is quantized ({hf['quantization_config'].get('scheme')}); "
+            "distillation trains floating-point weights"
+        )
     arch = config_from_hf(hf, source=str(path / "config.json"))
     if cfg.student is not None:
         explicit, what = cfg.student, "student"
@@ -125,10 +150,15 @@ def pin_student_init(cfg: DistillConfig, reg, tokenizer_sha256: str) -> str:
         explicit = None
     ignore = {"init_std"}  # only shapes fresh weights
     if explicit is not None and explicit.model_dump(exclude=ignore) != arch.model_dump(exclude=ignore):
-        diff = ", ".join(f"{k} {v} != {getattr(arch, k)}" for k, v in explicit.model_dump(exclude=ignore).items()
-                         if getattr(arch, k) != v)
-        raise RetortError(f"{what} conflicts with student_init {ref} ({diff}): the architecture comes from the "
-                          "checkpoint; drop the explicit one")
+        diff = ", ".join(
+            f"{k} {v} != {getattr(arch, k)}"
+            for k, v in explicit.model_dump(exclude=ignore).items()
+            if getattr(arch, k) != v
+        )
+        raise RetortError(
+            f"{what} conflicts with student_init {ref} ({diff}): the architecture comes from the "
+            "checkpoint; drop the explicit one"
+        )
     try:
         check_same_tokenizer(path, tokenizer_sha256)
     except RetortError as e:
@@ -136,7 +166,9 @@ def pin_student_init(cfg: DistillConfig, reg, tokenizer_sha256: str) -> str:
     try:
         cfg.student_init, cfg.student = str(path), arch
     except ValidationError as e:
-        raise RetortError(f"student_init {ref}: {e.errors()[0]['msg'].removeprefix('Value error, ')}") from None
+        raise RetortError(
+            f"student_init {ref}: {e.errors()[0]['msg'].removeprefix('Value error, ')}"
+        ) from None
     return ref
 
 
@@ -146,7 +178,11 @@ def find_topk_dir(cfg: DistillConfig, data_dir: Path, teacher_ref) -> Path:
         return Path(os.path.expandvars(os.path.expanduser(cfg.topk.dir)))
     found = sorted((data_dir / "topk").glob(f"{teacher_ref.name}-v{teacher_ref.version}-L{cfg.seq_len}-k*"))
     if len(found) != 1:
-        what = "no top-k cache" if not found else f"{len(found)} top-k caches ({', '.join(p.name for p in found)})"
+        what = (
+            "no top-k cache"
+            if not found
+            else f"{len(found)} top-k caches ({', '.join(p.name for p in found)})"
+        )
         raise RetortError(
             f"{what} for teacher {teacher_ref} at seq_len {cfg.seq_len} under {data_dir / 'topk'}: build one with "
             f"`python -m train.topk -c configs/teacher/<preset>.yaml topk.seq_len={cfg.seq_len}` or set topk.dir"
@@ -155,10 +191,19 @@ def find_topk_dir(cfg: DistillConfig, data_dir: Path, teacher_ref) -> Path:
 
 
 def lineage_of(cfg: DistillConfig, info: dict[str, Any], job_id: str) -> dict[str, Any]:
-    init = [info["student_init_ref"]] if info.get("student_init_ref") else []  # a fine-tuned checkpoint's origin
-    return {"parents": [info["teacher_ref"], *init], "dataset_fingerprint": info["data_fingerprint"],
-            "tokenizer_sha256": info["tokenizer_sha256"], "config": cfg.model_dump(mode="json"),
-            "ray_job_id": job_id, "kind": "distill", "mode": cfg.mode, "zero_stage": cfg.zero_stage}
+    init = (
+        [info["student_init_ref"]] if info.get("student_init_ref") else []
+    )  # a fine-tuned checkpoint's origin
+    return {
+        "parents": [info["teacher_ref"], *init],
+        "dataset_fingerprint": info["data_fingerprint"],
+        "tokenizer_sha256": info["tokenizer_sha256"],
+        "config": cfg.model_dump(mode="json"),
+        "ray_job_id": job_id,
+        "kind": "distill",
+        "mode": cfg.mode,
+        "zero_stage": cfg.zero_stage,
+    }
 
 
 def init_ray(cfg: DistillConfig) -> str:
@@ -170,15 +215,22 @@ def init_ray(cfg: DistillConfig) -> str:
             ray.init(log_to_driver=True)
         else:
             need = cfg.num_workers * cfg.cpus_per_worker
-            ray.init(address="local", num_cpus=max(os.cpu_count() or 1, int(need) + 1),
-                     num_gpus=cfg.num_workers if cfg.use_gpu else 0, object_store_memory=256 * 1024**2,
-                     include_dashboard=False)
+            ray.init(
+                address="local",
+                num_cpus=max(os.cpu_count() or 1, int(need) + 1),
+                num_gpus=cfg.num_workers if cfg.use_gpu else 0,
+                object_store_memory=256 * 1024**2,
+                include_dashboard=False,
+            )
     return ray.get_runtime_context().get_job_id()
 
 
 def worker_env() -> dict[str, str]:
-    env = {"TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR") or os.path.expanduser(TORCH_EXT),
-           "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env = {
+        "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR") or os.path.expanduser(TORCH_EXT),
+        "PYTHONUNBUFFERED": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
     if os.environ.get(FAULT_ENV):
         env[FAULT_ENV] = os.environ[FAULT_ENV]
     return env
@@ -204,12 +256,18 @@ def fit(cfg: DistillConfig, plan: Plan, info: dict[str, Any]):
     run_dir = Path(info["run_dir"])
     trainer = TorchTrainer(
         train_func,
-        train_loop_config={"cfg": cfg.model_dump(mode="json"), "plan": asdict(plan),
-                           "tokenizer_dir": info["tokenizer_dir"],
-                           "snapshot": str(run_dir / "ray" / "train" / "checkpoint_manager_snapshot.json")},
+        train_loop_config={
+            "cfg": cfg.model_dump(mode="json"),
+            "plan": asdict(plan),
+            "tokenizer_dir": info["tokenizer_dir"],
+            "snapshot": str(run_dir / "ray" / "train" / "checkpoint_manager_snapshot.json"),
+        },
         torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
-        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
-                                     resources_per_worker={"CPU": cfg.cpus_per_worker}),
+        scaling_config=ScalingConfig(
+            num_workers=cfg.num_workers,
+            use_gpu=cfg.use_gpu,
+            resources_per_worker={"CPU": cfg.cpus_per_worker},
+        ),
         run_config=RunConfig(
             name="train",  # fixed: re-running the same run_dir resumes from its last checkpoint
             storage_path=str(run_dir / "ray"),
@@ -226,8 +284,10 @@ def fit(cfg: DistillConfig, plan: Plan, info: dict[str, Any]):
             cause = cause.__cause__
         if isinstance(cause, RetortError):
             raise
-        raise JobFailed(f"distill training failed: {type(e).__name__}: {str(e).strip().splitlines()[-1][:400]} "
-                        f"(worker logs: Ray Train output above; run dir {run_dir})") from e
+        raise JobFailed(
+            f"distill training failed: {type(e).__name__}: {str(e).strip().splitlines()[-1][:400]} "
+            f"(worker logs: Ray Train output above; run dir {run_dir})"
+        ) from e
 
 
 def run(cfg: DistillConfig) -> dict[str, Any]:
@@ -236,9 +296,12 @@ def run(cfg: DistillConfig) -> dict[str, Any]:
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
     job_id = init_ray(cfg)
     plan, info = make_plan(cfg, job_id)
-    print(f"distill: {cfg.mode} (ZeRO-{cfg.zero_stage}) x{cfg.num_workers} workers, teacher {info['teacher_ref']}, "
-          f"{cfg.steps} steps x {cfg.global_batch} x {cfg.seq_len} tokens, run dir {info['run_dir']}"
-          f"{' (resuming)' if info['resuming'] else ''}", flush=True)
+    print(
+        f"distill: {cfg.mode} (ZeRO-{cfg.zero_stage}) x{cfg.num_workers} workers, teacher {info['teacher_ref']}, "
+        f"{cfg.steps} steps x {cfg.global_batch} x {cfg.seq_len} tokens, run dir {info['run_dir']}"
+        f"{' (resuming)' if info['resuming'] else ''}",
+        flush=True,
+    )
     result = fit(cfg, plan, info)
     metrics = dict(result.metrics or {})
     if not metrics.get("final") or result.checkpoint is None:
@@ -259,7 +322,11 @@ def publish_and_print(cfg: DistillConfig, out: Path, metrics: dict[str, Any], li
     from train.distill.export import publish_student
 
     ref = publish_student(cfg, out, metrics, lineage)
-    print(f"published {ref}" + (f" (@{cfg.publish_alias})" if cfg.publish_alias else ""), file=sys.stderr, flush=True)
+    print(
+        f"published {ref}" + (f" (@{cfg.publish_alias})" if cfg.publish_alias else ""),
+        file=sys.stderr,
+        flush=True,
+    )
     import ray
 
     if ray.is_initialized():  # workers' late log lines are forwarded to this stdout until we disconnect

@@ -132,8 +132,13 @@ def build_engine(cfg: DistillConfig, module: DistillModule, plan: Plan):
         module = build_pipeline(module.student, cfg.pipeline_stages, loss_fn, cfg.seed)
     # CUDA: torch's fused AdamW (one kernel over DeepSpeed's flat fp32 partition); CPU: the reference loop
     fused = cfg.use_gpu and not cfg.offload_optimizer
-    opt = torch.optim.AdamW(param_groups(module, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas,
-                            fused=fused, foreach=False if fused else cfg.use_gpu)
+    opt = torch.optim.AdamW(
+        param_groups(module, cfg.weight_decay),
+        lr=cfg.lr,
+        betas=cfg.betas,
+        fused=fused,
+        foreach=False if fused else cfg.use_gpu,
+    )
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
     engine, _, _, _ = deepspeed.initialize(model=module, optimizer=opt, lr_scheduler=sched, config=ds_cfg)
     return engine
@@ -158,8 +163,15 @@ class Batches:
             self.cache = TopKCache(plan.topk_dir, verify=False)  # the driver verified every shard
             tokens = tokens[: self.cache.token_limit]  # draw only cached windows
         per_rank = cfg.micro_batch_size * cfg.grad_accum  # the loader's batch_size is per rank
-        self.it = packed_batches(tokens, cfg.seq_len, per_rank, seed=cfg.seed, rank=dp_rank,
-                                 world_size=cfg.dp_world, start_step=start_step)
+        self.it = packed_batches(
+            tokens,
+            cfg.seq_len,
+            per_rank,
+            seed=cfg.seed,
+            rank=dp_rank,
+            world_size=cfg.dp_world,
+            start_step=start_step,
+        )
 
     def next_step(self) -> list[tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]]:
         """-> ``grad_accum`` micro-batches ``(x (b, T), y (b, T), topk (ids, logprobs) (b, T, k) | None)``."""
@@ -182,8 +194,9 @@ class Batches:
 # ---------------------------------------------------------------------------------------------- steps
 
 
-def zero_step(engine, micro, teacher: Transformer | None, cfg: DistillConfig, plan: Plan,
-              device) -> dict[str, torch.Tensor]:
+def zero_step(
+    engine, micro, teacher: Transformer | None, cfg: DistillConfig, plan: Plan, device
+) -> dict[str, torch.Tensor]:
     """One optimizer step over ``micro``; returns the micro-batch means as float64 device scalars (no host sync)."""
     sums = {k: torch.zeros((), dtype=torch.float64, device=device) for k in ("loss", "kd", "ce")}
     for x, y, tk in micro:
@@ -199,8 +212,9 @@ def zero_step(engine, micro, teacher: Transformer | None, cfg: DistillConfig, pl
     return sums
 
 
-def micro_loss(engine, teacher: Transformer | None, x: torch.Tensor, y: torch.Tensor, tk, cfg: DistillConfig,
-               plan: Plan) -> dict[str, torch.Tensor]:
+def micro_loss(
+    engine, teacher: Transformer | None, x: torch.Tensor, y: torch.Tensor, tk, cfg: DistillConfig, plan: Plan
+) -> dict[str, torch.Tensor]:
     """The reference KD loss of one micro-batch (``losses.kd_loss`` on both sides' full logits)."""
     from train.distill.losses import DenseTeacher, TopKTeacher, kd_loss
 
@@ -212,12 +226,20 @@ def micro_loss(engine, teacher: Transformer | None, x: torch.Tensor, y: torch.Te
     else:
         t = TopKTeacher(tk[0].to(x.device), tk[1].to(x.device))
     logits, h = engine(x)  # (b, T, V), (b, T, d)|None
-    return kd_loss(logits, t, y, cfg.loss, vocab_size=plan.vocab_size, student_hidden=h,
-                   projector=engine.module.projector)
+    return kd_loss(
+        logits,
+        t,
+        y,
+        cfg.loss,
+        vocab_size=plan.vocab_size,
+        student_hidden=h,
+        projector=engine.module.projector,
+    )
 
 
-def fused_micro_loss(engine, teacher: Transformer, x: torch.Tensor, y: torch.Tensor, cfg: DistillConfig,
-                     plan: Plan) -> dict[str, torch.Tensor]:
+def fused_micro_loss(
+    engine, teacher: Transformer, x: torch.Tensor, y: torch.Tensor, cfg: DistillConfig, plan: Plan
+) -> dict[str, torch.Tensor]:
     """The fused KD loss of one micro-batch: neither model's full logits are ever built (``fused_kd.py``)."""
     from train.distill.fused_kd import decoder_hidden, fused_kd_loss
 
@@ -225,8 +247,17 @@ def fused_micro_loss(engine, teacher: Transformer, x: torch.Tensor, y: torch.Ten
         h_t = decoder_hidden(teacher, x)  # (b, T, d_t)
     _, h = engine(x, head=False)  # (b, T, d): the engine's forward, without the LM head
     module = engine.module
-    return fused_kd_loss(h, module.student.lm_head.weight, h_t, teacher.lm_head.weight, y, cfg.loss,
-                         vocab_size=plan.vocab_size, projector=module.projector, compile=cfg.compile)
+    return fused_kd_loss(
+        h,
+        module.student.lm_head.weight,
+        h_t,
+        teacher.lm_head.weight,
+        y,
+        cfg.loss,
+        vocab_size=plan.vocab_size,
+        projector=module.projector,
+        compile=cfg.compile,
+    )
 
 
 def pipeline_step(engine, micro) -> dict[str, float]:
@@ -256,12 +287,28 @@ def save_checkpoint(engine, step: int, cfg: DistillConfig, plan: Plan, rank: int
     d = tempfile.mkdtemp(prefix=f"retort-ckpt-{step}-")
     tag = f"step{step}"
     engine.save_checkpoint(d, tag=tag, client_state={"step": step})
-    torch.save({"torch": torch.get_rng_state(), "python": random.getstate(),
-                "cuda": torch.cuda.get_rng_state() if cfg.use_gpu else None}, Path(d) / f"rng_rank{rank}.pt")
+    torch.save(
+        {
+            "torch": torch.get_rng_state(),
+            "python": random.getstate(),
+            "cuda": torch.cuda.get_rng_state() if cfg.use_gpu else None,
+        },
+        Path(d) / f"rng_rank{rank}.pt",
+    )
     if rank == 0:
-        (Path(d) / META).write_text(json.dumps({"kind": "deepspeed", "step": step, "tag": tag,
-                                                "config_hash": plan.config_hash, "mode": cfg.mode,
-                                                "zero_stage": cfg.zero_stage, "num_workers": cfg.num_workers}))
+        (Path(d) / META).write_text(
+            json.dumps(
+                {
+                    "kind": "deepspeed",
+                    "step": step,
+                    "tag": tag,
+                    "config_hash": plan.config_hash,
+                    "mode": cfg.mode,
+                    "zero_stage": cfg.zero_stage,
+                    "num_workers": cfg.num_workers,
+                }
+            )
+        )
     return d
 
 
@@ -285,9 +332,13 @@ def load_checkpoint(engine, d: str, plan: Plan, rank: int) -> int:
     meta = read_meta(d)
     check_resumable(meta, plan, d)
     if meta.get("kind") != "deepspeed":
-        raise RetortError(f"{d} is the finished run's exported student, not a training checkpoint: "
-                          "this run dir is complete; choose a new run_dir")
-    path, _ = engine.load_checkpoint(d, tag=meta["tag"], load_optimizer_states=True, load_lr_scheduler_states=True)
+        raise RetortError(
+            f"{d} is the finished run's exported student, not a training checkpoint: "
+            "this run dir is complete; choose a new run_dir"
+        )
+    path, _ = engine.load_checkpoint(
+        d, tag=meta["tag"], load_optimizer_states=True, load_lr_scheduler_states=True
+    )
     if path is None:
         raise RetortError(f"DeepSpeed found no checkpoint under {d} (tag {meta['tag']})")
     rng_file = Path(d) / f"rng_rank{rank}.pt"
@@ -387,7 +438,11 @@ class DirHooks(Hooks):
     def restored_dir(self):
         import contextlib
 
-        done = sorted(self.root.glob("step_*"), key=lambda p: int(p.name.split("_")[1])) if self.root.is_dir() else []
+        done = (
+            sorted(self.root.glob("step_*"), key=lambda p: int(p.name.split("_")[1]))
+            if self.root.is_dir()
+            else []
+        )
         return contextlib.nullcontext(str(done[-1]) if done else None)
 
     def report(self, metrics: dict[str, Any], ckpt_dir: str | None) -> None:
@@ -435,12 +490,24 @@ class StepMetrics:
             from cluster import metrics as M
 
             tags = {"job": plan.job_id, "mode": f"{cfg.mode}-{cfg.zero_stage}"}
-            for key, m in (("loss", M.TRAIN_LOSS), ("kd", M.TRAIN_KD_LOSS), ("ce", M.TRAIN_CE_LOSS),
-                           ("tok_s", M.TRAIN_TOKENS_PER_S), ("step_time", M.TRAIN_STEP_TIME),
-                           ("step", M.TRAIN_STEP), ("workers", M.TRAIN_WORKERS)):
+            for key, m in (
+                ("loss", M.TRAIN_LOSS),
+                ("kd", M.TRAIN_KD_LOSS),
+                ("ce", M.TRAIN_CE_LOSS),
+                ("tok_s", M.TRAIN_TOKENS_PER_S),
+                ("step_time", M.TRAIN_STEP_TIME),
+                ("step", M.TRAIN_STEP),
+                ("workers", M.TRAIN_WORKERS),
+            ):
                 self.gauges[key] = M.make(m, tags)
-        self.bar = tqdm(total=cfg.steps, initial=start, desc=f"distill {cfg.mode}", disable=rank != 0,
-                        dynamic_ncols=True, mininterval=1.0)
+        self.bar = tqdm(
+            total=cfg.steps,
+            initial=start,
+            desc=f"distill {cfg.mode}",
+            disable=rank != 0,
+            dynamic_ncols=True,
+            mininterval=1.0,
+        )
 
     def log(self, row: dict[str, Any]) -> None:
         if self.rank != 0:
@@ -449,8 +516,13 @@ class StepMetrics:
             g.set(float(row[k]))
         with open(self.plan.metrics_path, "a") as f:
             f.write(json.dumps(row) + "\n")
-        self.bar.set_postfix(loss=f"{row['loss']:.4f}", kd=f"{row['kd']:.4f}", ce=f"{row['ce']:.4f}",
-                             tok_s=f"{row['tok_s']:.0f}", refresh=False)
+        self.bar.set_postfix(
+            loss=f"{row['loss']:.4f}",
+            kd=f"{row['kd']:.4f}",
+            ce=f"{row['ce']:.4f}",
+            tok_s=f"{row['tok_s']:.0f}",
+            refresh=False,
+        )
         self.bar.update(1)
 
     def close(self) -> None:
@@ -531,8 +603,14 @@ def run_worker(cfg: DistillConfig, plan: Plan, hooks: Hooks, use_ray: bool) -> d
         dt = time.perf_counter() - t0
         times.append(dt)
         step += 1
-        row = {"step": step, **vals, "lr": engine.get_lr()[0], "step_time": dt, "tok_s": tokens_per_step / dt,
-               "workers": world}
+        row = {
+            "step": step,
+            **vals,
+            "lr": engine.get_lr()[0],
+            "step_time": dt,
+            "tok_s": tokens_per_step / dt,
+            "workers": world,
+        }
         log.log(row)
         if step % cfg.checkpoint_every == 0 or step == cfg.steps:
             hooks.report(row, save_checkpoint(engine, step, cfg, plan, rank))
@@ -541,7 +619,10 @@ def run_worker(cfg: DistillConfig, plan: Plan, hooks: Hooks, use_ray: bool) -> d
     log.close()
     warm = 3 if cfg.compile and len(times) > 6 else 1  # the first step(s) of a process warm up / compile
     steady = times[warm:] or times
-    stats = {"train_tokens_per_s": tokens_per_step * len(steady) / max(sum(steady), 1e-9) if steady else 0.0,
-             "flops_per_token": flops_per_token(cfg), "teacher_flops_per_token": teacher_flops_per_token(cfg, teacher),
-             "steps_this_attempt": len(times)}
+    stats = {
+        "train_tokens_per_s": tokens_per_step * len(steady) / max(sum(steady), 1e-9) if steady else 0.0,
+        "flops_per_token": flops_per_token(cfg),
+        "teacher_flops_per_token": teacher_flops_per_token(cfg, teacher),
+        "steps_this_attempt": len(times),
+    }
     return {"engine": engine, "teacher": teacher, "step": step, "stats": stats}

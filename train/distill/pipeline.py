@@ -115,16 +115,25 @@ def build_pipeline(model: Transformer, num_stages: int, loss_fn: PipeKDLoss, see
         layers.append(LayerSpec(EmbedPipe, cfg, emb))
     for i in range(cfg.n_layers):
         prefix = f"model.layers.{i}."
-        state = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+        state = {k[len(prefix) :]: v for k, v in sd.items() if k.startswith(prefix)}
         layers.append(LayerSpec(BlockPipe, cfg, i, state))
     layers.append(LayerSpec(NormPipe, cfg, sd["model.norm.weight"]))
     if cfg.tie_embeddings:
-        layers.append(TiedLayerSpec("embed", EmbedPipe, cfg, emb, forward_fn=head_forward,
-                                    tied_weight_attr="embed_tokens.weight"))
+        layers.append(
+            TiedLayerSpec(
+                "embed", EmbedPipe, cfg, emb, forward_fn=head_forward, tied_weight_attr="embed_tokens.weight"
+            )
+        )
     else:
         layers.append(LayerSpec(HeadPipe, cfg, sd["lm_head.weight"]))
-    return PipelineModule(layers=layers, num_stages=num_stages, loss_fn=loss_fn,
-                          partition_method="parameters", base_seed=seed, activation_checkpoint_interval=0)
+    return PipelineModule(
+        layers=layers,
+        num_stages=num_stages,
+        loss_fn=loss_fn,
+        partition_method="parameters",
+        base_seed=seed,
+        activation_checkpoint_interval=0,
+    )
 
 
 def hf_state_dict(pipe, cfg: ModelConfig) -> dict[str, torch.Tensor]:
@@ -135,7 +144,11 @@ def hf_state_dict(pipe, cfg: ModelConfig) -> dict[str, torch.Tensor]:
         mod = layer if isinstance(layer, nn.Module) else None
         if idx == 0:
             name = "model.embed_tokens.weight"
-            w = pipe.tied_modules["embed"].embed_tokens.weight if cfg.tie_embeddings else mod.embed_tokens.weight
+            w = (
+                pipe.tied_modules["embed"].embed_tokens.weight
+                if cfg.tie_embeddings
+                else mod.embed_tokens.weight
+            )
             out[name] = w.detach().cpu().clone()
         elif idx <= n:
             for k, v in mod.block.state_dict().items():

@@ -72,17 +72,42 @@ def run(cfg) -> dict[str, Any]:
     if peak:
         stats["mfu"] = stats["train_tokens_per_s"] * stats["flops_per_token"] / (peak * world)
         # hardware FLOPs utilisation: the online teacher's forward is work the GPU does too
-        stats["hfu_with_teacher"] = (stats["train_tokens_per_s"] * (stats["flops_per_token"] + stats["teacher_flops_per_token"])
-                                     / (peak * world))
+        stats["hfu_with_teacher"] = (
+            stats["train_tokens_per_s"]
+            * (stats["flops_per_token"] + stats["teacher_flops_per_token"])
+            / (peak * world)
+        )
     final = finish_worker(cfg, plan, res, hooks, info["tokenizer_dir"], stats)
     if rank == 0 and final is not None:
-        print(json.dumps({"torchrun": {k: final[k] for k in ("train_tokens_per_s", "flops_per_token", "teacher_flops_per_token", "mfu",
-                                                                  "hfu_with_teacher", "val_ppl")
-                                       if k in final}, "world": world, "plan": asdict(plan)}), flush=True)
+        print(
+            json.dumps(
+                {
+                    "torchrun": {
+                        k: final[k]
+                        for k in (
+                            "train_tokens_per_s",
+                            "flops_per_token",
+                            "teacher_flops_per_token",
+                            "mfu",
+                            "hfu_with_teacher",
+                            "val_ppl",
+                        )
+                        if k in final
+                    },
+                    "world": world,
+                    "plan": asdict(plan),
+                }
+            ),
+            flush=True,
+        )
         student = Path(info["run_dir"]) / "final" / "hf"
         if cfg.publish:
-            publish_and_print(cfg, student, {k: v for k, v in final.items() if k != "final"},
-                              lineage_of(cfg, info, plan.job_id))
+            publish_and_print(
+                cfg,
+                student,
+                {k: v for k, v in final.items() if k != "final"},
+                lineage_of(cfg, info, plan.job_id),
+            )
     dist.barrier()
     dist.destroy_process_group()
     return final or {}

@@ -244,8 +244,14 @@ def test_ray_start_command_pins_every_port_and_marks_its_processes(tmp_path):
     ports = RayPorts(*range(50001, 50010), 20000, 20099, 50010, 50011)
     cmd = _start_cmd(tmp_path, ports, 4, 300 * 1024**2, "127.0.0.1")
     flags = dict(zip(cmd[3:-1:2], cmd[4:-1:2], strict=True))
-    assert cmd[1:3] == ["start", "--head"] and flags["--port"] == "50001" and flags["--dashboard-host"] == "127.0.0.1"
-    assert {str(p) for p in range(50001, 50010)} <= set(flags.values()) and flags["--temp-dir"] == str(tmp_path)
+    assert (
+        cmd[1:3] == ["start", "--head"]
+        and flags["--port"] == "50001"
+        and flags["--dashboard-host"] == "127.0.0.1"
+    )
+    assert {str(p) for p in range(50001, 50010)} <= set(flags.values()) and flags["--temp-dir"] == str(
+        tmp_path
+    )
     env = _start_env(RayHead(temp_dir=str(tmp_path), token_path=str(tmp_path / "tok"), ports=ports))
     assert env[MARKER_ENV] == f"ray:{tmp_path}" and env["RAY_AUTH_MODE"] == "token"
     assert (env["AUTOSCALER_METRIC_PORT"], env["DASHBOARD_METRIC_PORT"]) == ("50010", "50011")

@@ -49,7 +49,9 @@ def test_transformers_saved_loads_in_ours(name, tmp_path):
     from cluster.checkpoint import config_to_hf
 
     hf_cfg_cls = hf_class(cfg).config_class
-    hf_cfg = hf_cfg_cls(**{k: v for k, v in config_to_hf(cfg).items() if k not in ("architectures", "model_type")})
+    hf_cfg = hf_cfg_cls(
+        **{k: v for k, v in config_to_hf(cfg).items() if k not in ("architectures", "model_type")}
+    )
     torch.manual_seed(3)
     theirs = hf_class(cfg)(hf_cfg).eval()
     theirs.save_pretrained(tmp_path)
@@ -72,7 +74,10 @@ def test_positions_and_hidden():
 
 def test_presets_are_valid_and_sized():
     assert preset("tiny").n_layers == 2
-    small, student = Transformer(preset("small")).num_params(), Transformer(preset("small-student")).num_params()
+    small, student = (
+        Transformer(preset("small")).num_params(),
+        Transformer(preset("small-student")).num_params(),
+    )
     assert student <= small / 4 + 1, "the demo student must be at most a quarter of the teacher"
     with pytest.raises(ValueError, match="unknown model preset"):
         preset("huge")

@@ -8,7 +8,9 @@ from cluster.pipeline.orchestrator import Pipeline, Stage
 
 def test_a_stage_that_runs_makes_the_later_ones_run(tmp_path, monkeypatch):
     monkeypatch.setenv("RETORT_REGISTRY", str(tmp_path / "registry"))
-    cfg = load_config("configs/pipeline/small.yaml", schema_for("pipeline"), [f"runs_dir={tmp_path}", "name=t"])
+    cfg = load_config(
+        "configs/pipeline/small.yaml", schema_for("pipeline"), [f"runs_dir={tmp_path}", "name=t"]
+    )
     ran: list[str] = []
     valid = {"up": True, "teacher": True, "serve": True, "loadtest": True}
 

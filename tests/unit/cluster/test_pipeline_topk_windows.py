@@ -46,9 +46,16 @@ def test_the_distill_loader_draws_every_cached_window_once(world, batch, steps):
     """What the distill job does with a cache of steps x global_batch windows: read tokens[:token_limit]."""
     seq_len, n_windows = 16, steps * world * batch
     token_limit = n_windows * seq_len + 1  # TopKCache.token_limit
-    tokens = np.arange(n_windows * seq_len * 3, dtype=np.int64)[:token_limit]  # more data exists; the job slices
-    drawn = [w for rank in range(world) for w, _ in packed_batches(tokens, seq_len, batch, seed=0, rank=rank,
-                                                                   world_size=world, max_steps=steps)]
+    tokens = np.arange(n_windows * seq_len * 3, dtype=np.int64)[
+        :token_limit
+    ]  # more data exists; the job slices
+    drawn = [
+        w
+        for rank in range(world)
+        for w, _ in packed_batches(
+            tokens, seq_len, batch, seed=0, rank=rank, world_size=world, max_steps=steps
+        )
+    ]
     drawn = np.concatenate([w.numpy() for w in drawn])
     assert sorted(drawn.tolist()) == list(range(n_windows))  # all cached, none twice, no epoch wrap
 

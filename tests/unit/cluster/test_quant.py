@@ -59,12 +59,20 @@ def _lin(k: int = 256, n: int = 64, bias: bool = False) -> nn.Linear:
     return lin
 
 
-CASES = [("int8", True, None), ("int8", False, None), ("int4", False, 32), ("int4", True, 128), ("w8a8", True, None),
-         ("w4a8", False, 64)]
+CASES = [
+    ("int8", True, None),
+    ("int8", False, None),
+    ("int4", False, 32),
+    ("int4", True, 128),
+    ("w8a8", True, None),
+    ("w4a8", False, 64),
+]
 
 
 @pytest.mark.parametrize("scheme,symmetric,group", CASES)
-def test_every_cpu_kernel_matches_dequantized_reference(scheme: str, symmetric: bool, group: int | None) -> None:
+def test_every_cpu_kernel_matches_dequantized_reference(
+    scheme: str, symmetric: bool, group: int | None
+) -> None:
     m = quant.MODULES[scheme].from_float(_lin(bias=True), symmetric=symmetric, group_size=group, name="l")
     x = torch.randn(5, 256)
     w = m.dequantize()
@@ -79,7 +87,9 @@ def test_every_cpu_kernel_matches_dequantized_reference(scheme: str, symmetric: 
                 raise
             continue
         ran.append(name)
-        if scheme in quant.ACT_QUANT:  # activations are quantized: compare with the per-token fake-quant reference
+        if (
+            scheme in quant.ACT_QUANT
+        ):  # activations are quantized: compare with the per-token fake-quant reference
             xq, xs = quant.quantize_act_per_token(x)
             ref = nn.functional.linear(xq.float() * xs, w, m.bias)
             tol = 1e-3 if kernel.exact else 0.03 * ref.abs().max().item()
@@ -115,8 +125,10 @@ def _model(tie: bool = False) -> Transformer:
     return Transformer(preset("tiny", tie_embeddings=tie)).init_weights(seed=0).eval()
 
 
-@pytest.mark.parametrize("scheme,symmetric,group", [("int8", False, None), ("int4", False, 64), ("w8a8", True, None),
-                                                    ("w4a8", False, 32)])
+@pytest.mark.parametrize(
+    "scheme,symmetric,group",
+    [("int8", False, None), ("int4", False, 64), ("w8a8", True, None), ("w4a8", False, 32)],
+)
 def test_quantized_checkpoint_roundtrip(tmp_path, scheme: str, symmetric: bool, group: int | None) -> None:
     model = _model()
     tokens = torch.randint(0, 512, (2, 12))
@@ -175,8 +187,11 @@ def test_bad_input_errors_name_the_problem() -> None:
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("scheme,symmetric,group", CASES)
 def test_cuda_kernels_match_reference(scheme: str, symmetric: bool, group: int | None) -> None:
-    m = quant.MODULES[scheme].from_float(_lin(k=256, n=128, bias=True), symmetric=symmetric, group_size=group,
-                                         name="l").cuda()
+    m = (
+        quant.MODULES[scheme]
+        .from_float(_lin(k=256, n=128, bias=True), symmetric=symmetric, group_size=group, name="l")
+        .cuda()
+    )
     ran = {}
     for dtype in (torch.float32, torch.bfloat16):
         x = torch.randn(20, 256, device="cuda").to(dtype)

@@ -47,8 +47,12 @@ def test_quantized_embedding_roundtrip(tmp_path, scheme: str, group: int | None,
         before = model(tokens)
     model.save_pretrained(tmp_path, extra_config={"quantization_config": model.quantization_config})
     qcfg = json.loads((tmp_path / "config.json").read_text())["quantization_config"]
-    assert qcfg["embeddings"] == {"scheme": scheme, "symmetric": scheme not in quant.GROUPED,
-                                  "group_size": group, "tied_lm_head": tie}
+    assert qcfg["embeddings"] == {
+        "scheme": scheme,
+        "symmetric": scheme not in quant.GROUPED,
+        "group_size": group,
+        "tied_lm_head": tie,
+    }
     from safetensors import safe_open
 
     with safe_open(str(tmp_path / "model.safetensors"), framework="pt") as f:
@@ -61,7 +65,9 @@ def test_quantized_embedding_roundtrip(tmp_path, scheme: str, group: int | None,
         assert loaded.lm_head.embed is loaded.model.embed_tokens
     with torch.no_grad():
         after = loaded(tokens)
-    assert torch.equal(before, after) or torch.allclose(before, after, atol=1e-5), (before - after).abs().max()
+    assert torch.equal(before, after) or torch.allclose(before, after, atol=1e-5), (
+        (before - after).abs().max()
+    )
     if scheme not in quant.ACT_QUANT:  # weight-only: the model computes exactly the dequantized reference
         ref = _dequantized_reference(loaded, _model(tie))
         with torch.no_grad():
@@ -84,7 +90,9 @@ def test_excluding_embed_tokens_keeps_the_table_float(tie: bool) -> None:
     model = quant.quantize_model(_model(tie), "int8", modules_not_converted=["embed_tokens"])
     assert type(model.model.embed_tokens) is nn.Embedding
     assert model.quantization_config["embeddings"] is None
-    assert quant.quantize_model(_model(tie), "int8", embeddings=None).quantization_config["embeddings"] is None
+    assert (
+        quant.quantize_model(_model(tie), "int8", embeddings=None).quantization_config["embeddings"] is None
+    )
 
 
 def test_embedding_scheme_can_differ_from_the_model() -> None:
@@ -104,7 +112,9 @@ def test_bad_embedding_config_is_named() -> None:
             m = Transformer(preset("tiny"))
         quant.prepare_for_load(m, {**base, "embeddings": {"scheme": "int8", "tied_lm_head": True}})
     m = _model(False)  # an int8 model with an int4 table takes groups of 128: d_model 64 does not divide
-    with pytest.raises(RetortError, match="model.embed_tokens: in_features 64 is not divisible by group_size 128"):
+    with pytest.raises(
+        RetortError, match="model.embed_tokens: in_features 64 is not divisible by group_size 128"
+    ):
         quant.quantize_model(m, "int8", modules_not_converted=[], embeddings="int4")
     assert not quant.is_quantized(m)  # validated before touching any layer
 

@@ -89,7 +89,9 @@ def test_avx2_path_matches_reference() -> None:
         print("ok")
     """)
     env = {**os.environ, "RETORT_INT4_ISA": "avx2", "PYTHONPATH": str(ROOT)}
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+    )
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-2000:]
 
 
@@ -136,8 +138,9 @@ def test_disabled_extension_falls_back(monkeypatch: pytest.MonkeyPatch) -> None:
         assert torch.isfinite(ref).all()
 
 
-def test_build_failure_is_logged_once_and_falls_back(tmp_path, monkeypatch: pytest.MonkeyPatch,
-                                                      caplog: pytest.LogCaptureFixture) -> None:
+def test_build_failure_is_logged_once_and_falls_back(
+    tmp_path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
     """A source that does not compile (a CI box without a working compiler looks the same to us)."""
     bad = tmp_path / "int4_cpu.cpp"
     bad.write_text("this is not C++;\n")

@@ -10,8 +10,11 @@ def _m(**metrics):
 
 
 def test_kd_table_uses_the_teacher_measured_on_the_students_windows():
-    models = {"teacher": _m(val_ppl=130.0), "student": _m(val_ppl=149.0, teacher_val_ppl=111.0),
-              "student (no KD)": _m(val_ppl=200.0)}  # the no-KD job (top-k cache, alpha 0) has no teacher ppl
+    models = {
+        "teacher": _m(val_ppl=130.0),
+        "student": _m(val_ppl=149.0, teacher_val_ppl=111.0),
+        "student (no KD)": _m(val_ppl=200.0),
+    }  # the no-KD job (top-k cache, alpha 0) has no teacher ppl
     doc = Doc()
     section_kd(doc, models)
     text = doc.markdown()

@@ -44,8 +44,10 @@ def test_unknown_kind(tmp_path, capsys):
 
 def test_help_is_fast_and_light():
     """`retort --help` must not import torch, ray or deepspeed."""
-    code = "import sys; from cluster.cli import build_parser; build_parser(); " \
-           "print(','.join(m for m in ('torch','ray','deepspeed','transformers') if m in sys.modules))"
+    code = (
+        "import sys; from cluster.cli import build_parser; build_parser(); "
+        "print(','.join(m for m in ('torch','ray','deepspeed','transformers') if m in sys.modules))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True)
     assert out.stdout.strip() == ""
 

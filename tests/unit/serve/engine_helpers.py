@@ -14,9 +14,16 @@ from cluster.model import Transformer
 # Triton kernel tests run on CUDA (marked gpu), or on CPU under Triton's interpreter (TRITON_INTERPRET=1)
 TRITON_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 TRITON_DEVICES = [
-    pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available() or TRITON_INTERPRETED,
-                                                                    reason="needs CUDA")]),
-    pytest.param("cpu", marks=pytest.mark.skipif(not TRITON_INTERPRETED, reason="CPU runs need TRITON_INTERPRET=1")),
+    pytest.param(
+        "cuda",
+        marks=[
+            pytest.mark.gpu,
+            pytest.mark.skipif(not torch.cuda.is_available() or TRITON_INTERPRETED, reason="needs CUDA"),
+        ],
+    ),
+    pytest.param(
+        "cpu", marks=pytest.mark.skipif(not TRITON_INTERPRETED, reason="CPU runs need TRITON_INTERPRET=1")
+    ),
 ]
 
 # larger init than training's 0.02 so that greedy choices are not near-ties (robust parity checks)
@@ -27,7 +34,9 @@ def tiny_model(seed: int = 0, **overrides) -> Transformer:
     return Transformer(preset("tiny", **{**TINY, **overrides})).init_weights(seed).eval()
 
 
-def reference_greedy(model: Transformer, prompt: list[int], n: int, stop: set[int] = frozenset()) -> list[int]:
+def reference_greedy(
+    model: Transformer, prompt: list[int], n: int, stop: set[int] = frozenset()
+) -> list[int]:
     """Greedy decoding by recomputing the whole sequence every token (no KV cache)."""
     toks = list(prompt)
     with torch.no_grad():

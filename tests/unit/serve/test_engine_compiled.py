@@ -49,7 +49,9 @@ def test_compiled_decode_layer_matches_eager(kv_heads):
             cos, sin = eager.rope_tables(pos)
             got = layer(x, cos, sin, eager.decode_weights(1), kc, vc, slots, tables, mask, pos + 1)
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-            torch.testing.assert_close(kc, want_k, rtol=1e-5, atol=1e-5)  # written in place, elsewhere untouched
+            torch.testing.assert_close(
+                kc, want_k, rtol=1e-5, atol=1e-5
+            )  # written in place, elsewhere untouched
             torch.testing.assert_close(vc, want_v, rtol=1e-5, atol=1e-5)
 
 
@@ -73,4 +75,6 @@ def test_quantized_projections_are_not_fused():
     fm = FusedModel(quantize_model(tiny_model(), "int8", group_size=32), 256)
     assert all(lw.qkv is None and lw.gate_up is None for lw in fm.layers)
     assert fm.decode_weights(0) is None
-    assert fm.cos.dtype == torch.float32  # the RoPE table has the activations' dtype, not the int8 embedding's
+    assert (
+        fm.cos.dtype == torch.float32
+    )  # the RoPE table has the activations' dtype, not the int8 embedding's

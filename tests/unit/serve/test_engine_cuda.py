@@ -11,14 +11,24 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 
 
 def run(dtype: str, eager: bool, prompts, **kw):
-    cfg = EngineConfig(device="cuda", dtype=dtype, enforce_eager=eager, num_blocks=kw.pop("num_blocks", 128), **kw)
+    cfg = EngineConfig(
+        device="cuda", dtype=dtype, enforce_eager=eager, num_blocks=kw.pop("num_blocks", 128), **kw
+    )
     eng = LLMEngine(tiny_model(), cfg)
     out = eng.generate(prompts, SamplingParams(max_tokens=20, temperature=0.0))
     return [c.token_ids for c in out], eng
 
 
-@pytest.mark.parametrize("eager,variant,triton", [(True, "eager", True), (False, "eager", True), (False, "compiled", True),
-                                                   (False, "triton", True), (False, "eager", False)])
+@pytest.mark.parametrize(
+    "eager,variant,triton",
+    [
+        (True, "eager", True),
+        (False, "eager", True),
+        (False, "compiled", True),
+        (False, "triton", True),
+        (False, "eager", False),
+    ],
+)
 def test_fp32_matches_cpu_reference(eager, variant, triton, monkeypatch):
     """Mixed batches, chunked prefill, preemption and prefix hits, with each decode-graph variant;
     with Triton whole prefill/mixed steps are graphs (``StepGraphs``), without it piecewise graphs
@@ -52,8 +62,12 @@ def test_bf16_graphs_agree_with_eager():
     bf16 tokens may differ after a near-tie: compare the model's log-probabilities instead."""
     prompts = random_prompts(5, 3, 50, seed=23)
     p = SamplingParams(max_tokens=6, temperature=0.0, logprobs=1)
-    outs = [LLMEngine(tiny_model(), EngineConfig(device="cuda", dtype="bfloat16", enforce_eager=e, num_blocks=128))
-            .generate(prompts, p) for e in (True, False)]
+    outs = [
+        LLMEngine(
+            tiny_model(), EngineConfig(device="cuda", dtype="bfloat16", enforce_eager=e, num_blocks=128)
+        ).generate(prompts, p)
+        for e in (True, False)
+    ]
     first_equal = 0
     for a, b in zip(*outs, strict=True):
         first_equal += a.token_ids[0] == b.token_ids[0]
@@ -73,8 +87,9 @@ def test_sampling_on_cuda_seeded():
     assert all(len(c.logprobs) == 8 for c in a)
 
 
-@pytest.mark.parametrize("variant,async_scheduling", [("eager", None), ("compiled", None), ("triton", None),
-                                                      ("eager", False)])
+@pytest.mark.parametrize(
+    "variant,async_scheduling", [("eager", None), ("compiled", None), ("triton", None), ("eager", False)]
+)
 def test_multi_step_graph_bursts_match_reference(variant, async_scheduling, monkeypatch):
     """Bursts of up to 8 graph replays that feed their own greedy tokens forward (positions crossing
     block boundaries, stops inside a burst, batch sizes shrinking as requests finish) give the
@@ -87,10 +102,21 @@ def test_multi_step_graph_bursts_match_reference(variant, async_scheduling, monk
     prompts = random_prompts(9, 1, 70, seed=31)
     full = [reference_greedy(ref, p, 40) for p in prompts]
     stop = full[0][12]
-    params = [SamplingParams(max_tokens=m, temperature=0.0, stop_token_ids=[stop] if i == 0 else [])
-              for i, m in enumerate((40, 1, 2, 7, 9, 17, 25, 33, 40))]
-    eng = LLMEngine(tiny_model(), EngineConfig(device="cuda", dtype="float32", num_blocks=160, block_size=8,
-                                               num_scheduler_steps=8, async_scheduling=async_scheduling))
+    params = [
+        SamplingParams(max_tokens=m, temperature=0.0, stop_token_ids=[stop] if i == 0 else [])
+        for i, m in enumerate((40, 1, 2, 7, 9, 17, 25, 33, 40))
+    ]
+    eng = LLMEngine(
+        tiny_model(),
+        EngineConfig(
+            device="cuda",
+            dtype="float32",
+            num_blocks=160,
+            block_size=8,
+            num_scheduler_steps=8,
+            async_scheduling=async_scheduling,
+        ),
+    )
     assert eng.async_scheduling is (async_scheduling is None)
     seen: list[int] = []
     on_gpu: list[bool] = []
@@ -133,21 +159,26 @@ def test_paged_varlen_kernel_matches_masked_sdpa(dtype, H, Hkv, D, BS, block_q, 
         row += n
     NB = 300
     tables = torch.randperm(NB, device="cuda", generator=g)[: len(spec) * 40].view(len(spec), 40)
-    q = torch.randn(row + 5, H + 2 * Hkv, D, device="cuda", dtype=dtype, generator=g)[:, :H]  # strided, as in the engine
+    q = torch.randn(row + 5, H + 2 * Hkv, D, device="cuda", dtype=dtype, generator=g)[
+        :, :H
+    ]  # strided, as in the engine
     kc = torch.randn(NB, BS, Hkv, D, device="cuda", dtype=dtype, generator=g)
     vc = torch.randn(NB, BS, Hkv, D, device="cuda", dtype=dtype, generator=g)
     qb = torch.tensor(query_blocks(spans, block_q) + [(0, 0, 0, 0)] * 3, device="cuda")
     out = torch.full((row + 5, H, D), 7.0, device="cuda", dtype=dtype)
-    scratch = (torch.full((splits * (row + 5), H, D), float("nan"), device="cuda"),
-               torch.full((splits * (row + 5), H, 2), float("nan"), device="cuda"))
+    scratch = (
+        torch.full((splits * (row + 5), H, D), float("nan"), device="cuda"),
+        torch.full((splits * (row + 5), H, 2), float("nan"), device="cuda"),
+    )
     paged_varlen_attention(q, kc, vc, qb, tables, out, block_q, splits, scratch)
     for i, (r, n, p) in enumerate(spans):
         ctx = p + n
         k = kc[tables[i]].reshape(-1, Hkv, D)[:ctx].transpose(0, 1).float()
         v = vc[tables[i]].reshape(-1, Hkv, D)[:ctx].transpose(0, 1).float()
         mask = torch.arange(ctx, device="cuda")[None] <= torch.arange(p, ctx, device="cuda")[:, None]
-        want = F.scaled_dot_product_attention(q[r : r + n].transpose(0, 1).float()[None], k[None], v[None],
-                                              attn_mask=mask, enable_gqa=Hkv < H)[0].transpose(0, 1)
+        want = F.scaled_dot_product_attention(
+            q[r : r + n].transpose(0, 1).float()[None], k[None], v[None], attn_mask=mask, enable_gqa=Hkv < H
+        )[0].transpose(0, 1)
         tol = 1e-4 if dtype == torch.float32 else 3e-2
         torch.testing.assert_close(out[r : r + n].float(), want, rtol=tol, atol=tol)
     assert (out[row:] == 7).all()  # rows outside every query block are left alone

@@ -103,7 +103,9 @@ def test_stop_tokens_eos_and_logprobs(ref):
     assert set(lp0) == set(top.indices.tolist())
     for tok, val in lp0.items():
         assert val == pytest.approx(logp[tok].item(), abs=1e-4)
-    ign = eng.generate([prompt], SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True, stop_token_ids=[full[5]]))
+    ign = eng.generate(
+        [prompt], SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True, stop_token_ids=[full[5]])
+    )
     assert ign[0].token_ids == full[:6] and ign[0].finish_reason == "stop"
 
 
@@ -114,7 +116,10 @@ def test_input_errors():
         ([], "at least one token"),
         ([1, 512], "out of range"),
         ([-1], "out of range"),
-        ([1] * 61, "maximum context length is 64 tokens. However, you requested 65 tokens (61 in the messages, 4 in the completion)."),
+        (
+            [1] * 61,
+            "maximum context length is 64 tokens. However, you requested 65 tokens (61 in the messages, 4 in the completion).",
+        ),
     ]
     for prompt, msg in cases:
         with pytest.raises(EngineInputError) as e:
@@ -123,8 +128,14 @@ def test_input_errors():
     eng.add_request("dup", [1, 2], p)
     with pytest.raises(EngineInputError, match="already in use"):
         eng.add_request("dup", [1, 2], p)
-    for kw, msg in [({"max_tokens": 0}, "max_tokens"), ({"temperature": -1}, "temperature"), ({"top_p": 0}, "top_p"),
-                    ({"top_k": -2}, "top_k"), ({"logprobs": 6}, "logprobs"), ({"stop_token_ids": [-1]}, "stop_token_ids")]:
+    for kw, msg in [
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"temperature": -1}, "temperature"),
+        ({"top_p": 0}, "top_p"),
+        ({"top_k": -2}, "top_k"),
+        ({"logprobs": 6}, "logprobs"),
+        ({"stop_token_ids": [-1]}, "stop_token_ids"),
+    ]:
         with pytest.raises(EngineInputError, match=msg):
             SamplingParams(**kw)
     assert issubclass(EngineInputError, ValueError)
@@ -143,8 +154,10 @@ def test_hf_transformers_parity(tmp_path, ref):
     ours = eng.generate(prompts, SamplingParams(max_tokens=10, temperature=0.0))
     for p, c in zip(prompts, ours, strict=False):
         with torch.no_grad():
-            g = hf.generate(torch.tensor([p]), max_new_tokens=10, min_new_tokens=10, do_sample=False, pad_token_id=0)
-        assert c.token_ids == g[0, len(p):].tolist()
+            g = hf.generate(
+                torch.tensor([p]), max_new_tokens=10, min_new_tokens=10, do_sample=False, pad_token_id=0
+            )
+        assert c.token_ids == g[0, len(p) :].tolist()
 
 
 def test_from_pretrained_reads_eos(tmp_path, ref):
@@ -163,8 +176,11 @@ def test_quantized_checkpoint(tmp_path, scheme):
     from cluster.quant import QuantLinear
 
     # kernels are chosen (and built) while the engine loads, for decode- and prefill-sized batches
-    chosen = [len(m._choice) for m in loaded.model.modules()
-              if isinstance(m, QuantLinear) and not type(m).__name__.endswith("Embedding")]
+    chosen = [
+        len(m._choice)
+        for m in loaded.model.modules()
+        if isinstance(m, QuantLinear) and not type(m).__name__.endswith("Embedding")
+    ]
     assert chosen and all(n == 2 for n in chosen), chosen
     prompts = random_prompts(3, 4, 30, seed=8)
     got = loaded.generate(prompts, SamplingParams(max_tokens=8, temperature=0.0))
@@ -217,8 +233,10 @@ def test_multi_step_decode_matches_reference():
     what the bursts computed is registered for prefix reuse, and sampled / logprobs requests never
     run bursts."""
     ref = tiny_model()
-    eng = LLMEngine(tiny_model(), EngineConfig(device="cpu", dtype="float32", num_blocks=64, block_size=8,
-                                               num_scheduler_steps=6))
+    eng = LLMEngine(
+        tiny_model(),
+        EngineConfig(device="cpu", dtype="float32", num_blocks=64, block_size=8, num_scheduler_steps=6),
+    )
     bursts: list[int] = []
     run = eng.runner.decode_steps_async
 
@@ -233,10 +251,19 @@ def test_multi_step_decode_matches_reference():
     full = [reference_greedy(ref, p, 20) for p in prompts]
     stop = full[1][9]  # request 1 stops at its 10th token, in the middle of a burst
     g = dict(temperature=0.0)
-    params = [SamplingParams(max_tokens=20, **g), SamplingParams(max_tokens=20, stop_token_ids=[stop], **g),
-              SamplingParams(max_tokens=3, **g), SamplingParams(max_tokens=13, **g)]
+    params = [
+        SamplingParams(max_tokens=20, **g),
+        SamplingParams(max_tokens=20, stop_token_ids=[stop], **g),
+        SamplingParams(max_tokens=3, **g),
+        SamplingParams(max_tokens=13, **g),
+    ]
     got = eng.generate(prompts, params)
-    assert [c.token_ids for c in got] == [full[0], full[1][: full[1].index(stop) + 1], full[2][:3], full[3][:13]]
+    assert [c.token_ids for c in got] == [
+        full[0],
+        full[1][: full[1].index(stop) + 1],
+        full[2][:3],
+        full[3][:13],
+    ]
     assert [c.finish_reason for c in got] == ["length", "stop", "length", "length"]
     assert bursts and max(bursts) == 6 and min(bursts) >= 2
     assert eng.stats().generation_tokens == sum(len(c.token_ids) for c in got)
@@ -244,14 +271,27 @@ def test_multi_step_decode_matches_reference():
     again = eng.generate([prompts[0] + full[0]], SamplingParams(max_tokens=1, **g))[0]
     assert again.num_cached_tokens == (len(prompts[0]) + 20 - 1) // 8 * 8
     bursts.clear()
-    eng.generate(prompts[:2], [SamplingParams(max_tokens=8, temperature=0.7, seed=1), SamplingParams(max_tokens=8, logprobs=1, **g)])
+    eng.generate(
+        prompts[:2],
+        [
+            SamplingParams(max_tokens=8, temperature=0.7, seed=1),
+            SamplingParams(max_tokens=8, logprobs=1, **g),
+        ],
+    )
     assert bursts == []
 
 
 def _async_engine(**kw) -> LLMEngine:
     """A CPU engine with async scheduling forced on (its default is on only where decode runs in CUDA
     graphs): bursts are computed when queued, but the engine logic is the GPU's."""
-    cfg = dict(device="cpu", dtype="float32", num_blocks=64, block_size=8, num_scheduler_steps=4, async_scheduling=True)
+    cfg = dict(
+        device="cpu",
+        dtype="float32",
+        num_blocks=64,
+        block_size=8,
+        num_scheduler_steps=4,
+        async_scheduling=True,
+    )
     return LLMEngine(tiny_model(), EngineConfig(**{**cfg, **kw}))
 
 
@@ -276,8 +316,11 @@ def test_async_scheduling_queues_the_next_burst_before_applying_the_last():
     full = [reference_greedy(ref, p, 24) for p in prompts]
     stop = full[1][9]  # request 1 stops at its 10th token, while a later burst is already queued
     g = dict(temperature=0.0)
-    params = [SamplingParams(max_tokens=24, **g), SamplingParams(max_tokens=24, stop_token_ids=[stop], **g),
-              SamplingParams(max_tokens=17, **g)]
+    params = [
+        SamplingParams(max_tokens=24, **g),
+        SamplingParams(max_tokens=24, stop_token_ids=[stop], **g),
+        SamplingParams(max_tokens=17, **g),
+    ]
     got = eng.generate(prompts, params)
     assert [c.token_ids for c in got] == [full[0], full[1][: full[1].index(stop) + 1], full[2][:17]]
     assert [c.finish_reason for c in got] == ["length", "stop", "length"]
@@ -306,7 +349,9 @@ def test_async_scheduling_chains_bursts_past_requests_reaching_max_tokens():
     lengths = (6, 11, 18, 30)
     params = [SamplingParams(max_tokens=n, temperature=0.0) for n in lengths]
     got = eng.generate(prompts, params)
-    assert [c.token_ids for c in got] == [reference_greedy(ref, p, n) for p, n in zip(prompts, lengths, strict=True)]
+    assert [c.token_ids for c in got] == [
+        reference_greedy(ref, p, n) for p, n in zip(prompts, lengths, strict=True)
+    ]
     assert {4, 2} <= set(chained), chained  # chained from the start (past the 6-token request) and later
     assert eng.stats().num_blocks_free == eng.stats().num_blocks_total
 
@@ -344,7 +389,9 @@ def test_async_scheduling_stops_for_aborts_and_newcomers():
 
 
 def test_multi_step_yields_to_waiting_requests():
-    eng = LLMEngine(tiny_model(), EngineConfig(device="cpu", dtype="float32", num_blocks=64, num_scheduler_steps=8))
+    eng = LLMEngine(
+        tiny_model(), EngineConfig(device="cpu", dtype="float32", num_blocks=64, num_scheduler_steps=8)
+    )
     eng.add_request("a", [1, 2, 3], SamplingParams(max_tokens=30, temperature=0.0))
     eng.step()
     batch = eng.scheduler.schedule()
@@ -359,10 +406,15 @@ def test_fresh_prefills_are_attended_in_padded_batches():
     from serve.engine.model_runner import fresh_groups
 
     assert fresh_groups([(0, 40), (40, 33), (73, 25), (98, 21), (119, 9), (128, 3)]) == [
-        [(0, 40), (40, 33), (73, 25), (98, 21)], [(119, 9)], [(128, 3)]]
+        [(0, 40), (40, 33), (73, 25), (98, 21)],
+        [(119, 9)],
+        [(128, 3)],
+    ]
     ref = tiny_model()
     prompts = random_prompts(8, 10, 40, seed=51) + [[7] * 3, [9] * 4]
-    eng = LLMEngine(tiny_model(), EngineConfig(device="cpu", dtype="float32", num_blocks=128, max_num_batched_tokens=512))
+    eng = LLMEngine(
+        tiny_model(), EngineConfig(device="cpu", dtype="float32", num_blocks=128, max_num_batched_tokens=512)
+    )
     for i, p in enumerate(prompts):
         eng.add_request(f"r{i}", p, GREEDY)
     eng._drain()
@@ -370,14 +422,20 @@ def test_fresh_prefills_are_attended_in_padded_batches():
     _, _, meta, _ = eng.runner.build(batch.seqs, batch.num_new_tokens)
     batched = sum(f.num for f in meta.fresh)
     assert batched >= 6 and batched + len(meta.prefills) == len(prompts)
-    eng = LLMEngine(tiny_model(), EngineConfig(device="cpu", dtype="float32", num_blocks=128, max_num_batched_tokens=512))
-    assert [c.token_ids for c in eng.generate(prompts, GREEDY)] == [reference_greedy(ref, p, 12) for p in prompts]
+    eng = LLMEngine(
+        tiny_model(), EngineConfig(device="cpu", dtype="float32", num_blocks=128, max_num_batched_tokens=512)
+    )
+    assert [c.token_ids for c in eng.generate(prompts, GREEDY)] == [
+        reference_greedy(ref, p, 12) for p in prompts
+    ]
 
 
 def test_decode_rows_beside_a_fresh_batch():
     """A step holding decode rows and a batched group of new prompts (and nothing else) attends both."""
     ref = tiny_model()
-    eng = LLMEngine(tiny_model(), EngineConfig(device="cpu", dtype="float32", num_blocks=128, num_scheduler_steps=1))
+    eng = LLMEngine(
+        tiny_model(), EngineConfig(device="cpu", dtype="float32", num_blocks=128, num_scheduler_steps=1)
+    )
     first = random_prompts(1, 20, 20, seed=61)[0]
     eng.add_request("a", first, GREEDY)
     eng.step()
@@ -390,8 +448,11 @@ def test_decode_rows_beside_a_fresh_batch():
     _, _, meta, _ = eng.runner.build(batch.seqs, batch.num_new_tokens)
     assert meta.decode_idx is not None and not meta.prefills and [f.num for f in meta.fresh] == [2]
     logits = eng.runner.execute(batch.seqs, batch.num_new_tokens)  # the step itself
-    want = {"a": reference_greedy(ref, eng._seqs["a"].all_token_ids, 1)[0],
-            "n0": reference_greedy(ref, later[0], 1)[0], "n1": reference_greedy(ref, later[1], 1)[0]}
+    want = {
+        "a": reference_greedy(ref, eng._seqs["a"].all_token_ids, 1)[0],
+        "n0": reference_greedy(ref, later[0], 1)[0],
+        "n1": reference_greedy(ref, later[1], 1)[0],
+    }
     assert [int(t) for t in logits.argmax(-1)] == [want[s.request_id] for s in batch.seqs]
 
 
@@ -402,12 +463,19 @@ def test_burst_acceptance_equals_the_per_token_finish_rule():
 
     from serve.engine.request import Sequence
 
-    eng = LLMEngine(tiny_model(), EngineConfig(device="cpu", dtype="float32", num_blocks=16, max_model_len=40),
-                    eos_token_id=3)
+    eng = LLMEngine(
+        tiny_model(),
+        EngineConfig(device="cpu", dtype="float32", num_blocks=16, max_model_len=40),
+        eos_token_id=3,
+    )
     rng = random.Random(5)
     for trial in range(400):
-        params = SamplingParams(max_tokens=rng.randint(2, 12), stop_token_ids=rng.sample(range(8), rng.randint(0, 2)),
-                                ignore_eos=rng.random() < 0.3, temperature=0.0)
+        params = SamplingParams(
+            max_tokens=rng.randint(2, 12),
+            stop_token_ids=rng.sample(range(8), rng.randint(0, 2)),
+            ignore_eos=rng.random() < 0.3,
+            temperature=0.0,
+        )
         seq = Sequence(f"r{trial}", [9] * rng.randint(20, 30), params)
         seq.output_token_ids = [9] * rng.randint(1, params.max_tokens - 1)
         toks = [rng.randrange(12) for _ in range(rng.randint(1, 8))]

@@ -38,7 +38,9 @@ def test_identical_across_processes():
     outs = set()
     for seed in ("1", "12345"):
         env = {**os.environ, "PYTHONHASHSEED": seed, "PYTHONPATH": str(REPO)}
-        r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True, cwd=REPO)
+        r = subprocess.run(
+            [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True, cwd=REPO
+        )
         outs.add(r.stdout.strip())
     here = ",".join(h.hex() for h in block_hashes(TOKS, 16, "model-x", salt="s"))
     assert outs == {here}

@@ -7,8 +7,17 @@ from serve.engine.sampling_params import SamplingParams
 
 
 def manager(num_blocks=8, caching=True) -> KVCacheManager:
-    return KVCacheManager(num_blocks=num_blocks, block_size=4, n_layers=2, n_kv_heads=2, head_dim=8,
-                          dtype=torch.float32, device=torch.device("cpu"), model_id="m", enable_prefix_caching=caching)
+    return KVCacheManager(
+        num_blocks=num_blocks,
+        block_size=4,
+        n_layers=2,
+        n_kv_heads=2,
+        head_dim=8,
+        dtype=torch.float32,
+        device=torch.device("cpu"),
+        model_id="m",
+        enable_prefix_caching=caching,
+    )
 
 
 def run_prefill(kv: KVCacheManager, seq: Sequence) -> None:

@@ -48,7 +48,10 @@ def test_seed_reproducible_whatever_the_batch():
 def test_logprobs_match_log_softmax_and_include_sampled():
     s = Sampler(torch.device("cpu"), seed=0)
     logits = torch.randn(2, 50)
-    seqs = [Sequence("a", [1], SamplingParams(temperature=1.0, logprobs=2)), Sequence("b", [1], SamplingParams(temperature=0))]
+    seqs = [
+        Sequence("a", [1], SamplingParams(temperature=1.0, logprobs=2)),
+        Sequence("b", [1], SamplingParams(temperature=0)),
+    ]
     res = s.sample(logits, seqs)
     ref = logits.log_softmax(-1)
     lp = res.logprobs[0]

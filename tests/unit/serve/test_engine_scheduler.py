@@ -7,8 +7,16 @@ from serve.engine.scheduler import Scheduler
 
 
 def make(num_blocks=32, max_seqs=8, budget=16) -> Scheduler:
-    kv = KVCacheManager(num_blocks=num_blocks, block_size=4, n_layers=1, n_kv_heads=1, head_dim=4,
-                        dtype=torch.float32, device=torch.device("cpu"), model_id="m")
+    kv = KVCacheManager(
+        num_blocks=num_blocks,
+        block_size=4,
+        n_layers=1,
+        n_kv_heads=1,
+        head_dim=4,
+        dtype=torch.float32,
+        device=torch.device("cpu"),
+        model_id="m",
+    )
     return Scheduler(kv, max_seqs, budget)
 
 

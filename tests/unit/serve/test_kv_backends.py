@@ -48,7 +48,9 @@ def test_codec_round_trip_bfloat16():
     assert k2.dtype == torch.bfloat16 and torch.equal(k2, k) and torch.equal(v2, v)
 
 
-@pytest.mark.parametrize("damage", ["truncate", "flip", "swap_words", "other_key", "other_layout", "not_bytes"])
+@pytest.mark.parametrize(
+    "damage", ["truncate", "flip", "swap_words", "other_key", "other_layout", "not_bytes"]
+)
 def test_decode_refuses_bad_records(damage):
     k, v = blocks(1)
     ks = keys(1)

@@ -65,7 +65,9 @@ class Taught(KVConnector):
 def engine(store, c: KVStoreConfig, connector: type[KVConnector] = Taught) -> tuple[LLMEngine, KVConnector]:
     conn = connector(store, c)
     eng = LLMEngine(
-        tiny_model(), EngineConfig(device="cpu", dtype="float32", num_blocks=64, block_size=16), kv_connector=conn
+        tiny_model(),
+        EngineConfig(device="cpu", dtype="float32", num_blocks=64, block_size=16),
+        kv_connector=conn,
     )
     return eng, conn
 
@@ -218,7 +220,12 @@ def test_probe_notices_a_store_that_got_faster(ref):
     b, cb = engine(store, cfg(probe_every=2))
     teach_recompute(cb, SLOW_RECOMPUTE)  # 192 ms for 12 blocks: far more than a fast fetch, less than 500 ms
     assert ask(b, ref, prefix + [7]) == 192  # cold start fetch: learns the store is slow
-    assert [ask(b, ref, prefix + [t]) for t in (8, 9, 10, 11)] == [0, 192, 0, 0]  # skip, probe (slow), 2 skips
+    assert [ask(b, ref, prefix + [t]) for t in (8, 9, 10, 11)] == [
+        0,
+        192,
+        0,
+        0,
+    ]  # skip, probe (slow), 2 skips
     store.delay = 0.0  # the store gets fast; only a probe can tell
     assert ask(b, ref, prefix + [12]) == 192 and cb.stats.decided_probe == 2
     assert cb.estimates()["fetch_latency_s"] < 0.1

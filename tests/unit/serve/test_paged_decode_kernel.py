@@ -32,11 +32,15 @@ def test_paged_decode_kernel_matches_gather_sdpa(device, dtype, H, Hkv, D, BS, s
         pytest.skip("the interpreter truncates fp32 -> bf16 (the GPU rounds to nearest)")
     g = torch.Generator(device=device).manual_seed(H * D)
     B, NB, nb = 7, 300, 40
-    q = torch.randn(B, H + Hkv, D, device=device, generator=g).to(dtype)[:, :H]  # a strided view, as in the engine
+    q = torch.randn(B, H + Hkv, D, device=device, generator=g).to(dtype)[
+        :, :H
+    ]  # a strided view, as in the engine
     kc = torch.randn(NB + 1, BS, Hkv, D, device=device, generator=g).to(dtype)
     vc = torch.randn(NB + 1, BS, Hkv, D, device=device, generator=g).to(dtype)
     tables = torch.stack([torch.randperm(NB, device=device, generator=g)[:nb] for _ in range(B)])
-    ctx = torch.tensor([[c] * 3 for c in (1, BS, BS + 1, 63, 64, 65, nb * BS)], device=device)[:, 1]  # strided
+    ctx = torch.tensor([[c] * 3 for c in (1, BS, BS + 1, 63, 64, 65, nb * BS)], device=device)[
+        :, 1
+    ]  # strided
     mask = additive_mask(torch.arange(nb * BS, device=device)[None] < ctx[:, None], torch.float32)
     want = decode_attention(q.float(), kc.float(), vc.float(), tables, mask, H // Hkv)
     got = paged_decode_attention(q, kc, vc, tables, ctx, splits=splits)
@@ -49,5 +53,6 @@ def test_split_count_must_be_a_power_of_two():
     q = torch.zeros(1, 2, 16)
     kc = torch.zeros(2, 16, 2, 16)
     with pytest.raises(ValueError, match="power of two"):
-        paged_decode_attention(q, kc, kc, torch.zeros(1, 1, dtype=torch.long), torch.ones(1, dtype=torch.long),
-                               splits=3)
+        paged_decode_attention(
+            q, kc, kc, torch.zeros(1, 1, dtype=torch.long), torch.ones(1, dtype=torch.long), splits=3
+        )

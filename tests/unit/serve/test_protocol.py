@@ -43,34 +43,37 @@ def test_valid_completion_defaults():
     assert validate_request(CompletionRequest, {"model": "m", "prompt": "a", "stop": "x"}).stop == ["x"]
 
 
-@pytest.mark.parametrize("patch,param", [
-    ({"max_tokens": 0}, "max_tokens"),
-    ({"max_tokens": -5}, "max_tokens"),
-    ({"max_tokens": 2**40}, "max_tokens"),
-    ({"max_tokens": "16"}, "max_tokens"),  # strict: no string coercion
-    ({"max_tokens": 1.5}, "max_tokens"),
-    ({"max_tokens": True}, "max_tokens"),
-    ({"temperature": -0.1}, "temperature"),
-    ({"temperature": 2.5}, "temperature"),
-    ({"temperature": "hot"}, "temperature"),
-    ({"top_p": 0}, "top_p"),
-    ({"top_p": 1.01}, "top_p"),
-    ({"n": 0}, "n"),
-    ({"logprobs": 6}, "logprobs"),
-    ({"logprobs": -1}, "logprobs"),
-    ({"stop": [""]}, "stop"),
-    ({"stop": 5}, "stop"),
-    ({"seed": -1}, "seed"),
-    ({"seed": 2**70}, "seed"),
-    ({"unknown_field": 1}, "unknown_field"),
-    ({"prompt": None}, "prompt"),
-    ({"prompt": [1, "a"]}, "prompt"),
-    ({"prompt": {"a": 1}}, "prompt"),
-    ({"model": ""}, "model"),
-    ({"stream_options": {"include_usage": True}}, None),  # only with stream
-    ({"echo": True}, None),
-    ({"presence_penalty": 0.5}, None),
-])
+@pytest.mark.parametrize(
+    "patch,param",
+    [
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"max_tokens": -5}, "max_tokens"),
+        ({"max_tokens": 2**40}, "max_tokens"),
+        ({"max_tokens": "16"}, "max_tokens"),  # strict: no string coercion
+        ({"max_tokens": 1.5}, "max_tokens"),
+        ({"max_tokens": True}, "max_tokens"),
+        ({"temperature": -0.1}, "temperature"),
+        ({"temperature": 2.5}, "temperature"),
+        ({"temperature": "hot"}, "temperature"),
+        ({"top_p": 0}, "top_p"),
+        ({"top_p": 1.01}, "top_p"),
+        ({"n": 0}, "n"),
+        ({"logprobs": 6}, "logprobs"),
+        ({"logprobs": -1}, "logprobs"),
+        ({"stop": [""]}, "stop"),
+        ({"stop": 5}, "stop"),
+        ({"seed": -1}, "seed"),
+        ({"seed": 2**70}, "seed"),
+        ({"unknown_field": 1}, "unknown_field"),
+        ({"prompt": None}, "prompt"),
+        ({"prompt": [1, "a"]}, "prompt"),
+        ({"prompt": {"a": 1}}, "prompt"),
+        ({"model": ""}, "model"),
+        ({"stream_options": {"include_usage": True}}, None),  # only with stream
+        ({"echo": True}, None),
+        ({"presence_penalty": 0.5}, None),
+    ],
+)
 def test_bad_completion_fields(patch, param):
     err = _err(CompletionRequest, {"model": "m", "prompt": "hi", **patch})
     if param is not None:
@@ -94,18 +97,41 @@ def test_batch_prompts_rejected():
 
 
 def test_chat_request():
-    r = validate_request(ChatCompletionRequest, {"model": "m", "messages": [
-        {"role": "system", "content": "be brief"},
-        {"role": "user", "content": [{"type": "text", "text": "hi "}, {"type": "text", "text": "there"}]}],
-        "max_completion_tokens": 4, "logprobs": True, "top_logprobs": 2})
+    r = validate_request(
+        ChatCompletionRequest,
+        {
+            "model": "m",
+            "messages": [
+                {"role": "system", "content": "be brief"},
+                {
+                    "role": "user",
+                    "content": [{"type": "text", "text": "hi "}, {"type": "text", "text": "there"}],
+                },
+            ],
+            "max_completion_tokens": 4,
+            "logprobs": True,
+            "top_logprobs": 2,
+        },
+    )
     assert r.messages[1].text() == "hi there" and r.requested_max_tokens() == 4 and r.num_logprobs() == 2
-    assert validate_request(ChatCompletionRequest, {"model": "m", "messages": [{"role": "user", "content": "x"}],
-                                                    "logprobs": True}).num_logprobs() == 0
+    assert (
+        validate_request(
+            ChatCompletionRequest,
+            {"model": "m", "messages": [{"role": "user", "content": "x"}], "logprobs": True},
+        ).num_logprobs()
+        == 0
+    )
     _err(ChatCompletionRequest, {"model": "m", "messages": []})
     _err(ChatCompletionRequest, {"model": "m", "messages": [{"role": "robot", "content": "x"}]})
     _err(ChatCompletionRequest, {"model": "m", "messages": [{"role": "user"}]})
-    _err(ChatCompletionRequest, {"model": "m", "messages": [{"role": "user", "content": "x"}], "top_logprobs": 2})
-    _err(ChatCompletionRequest, {"model": "m", "messages": [{"role": "user", "content": [{"type": "image_url"}]}]})
+    _err(
+        ChatCompletionRequest,
+        {"model": "m", "messages": [{"role": "user", "content": "x"}], "top_logprobs": 2},
+    )
+    _err(
+        ChatCompletionRequest,
+        {"model": "m", "messages": [{"role": "user", "content": [{"type": "image_url"}]}]},
+    )
 
 
 @pytest.mark.parametrize("raw", [b"{", b"\xff\xfe", b'{"a": NaN}', b'{"a": Infinity}', b"", b"[" * 100000])
@@ -120,7 +146,9 @@ def test_parse_json_unicode():
 
 
 def test_logprob_layout_is_json_safe():
-    lp = completion_logprobs(["a", "bc"], [-0.5, float("-inf")], [[("a", -0.5), ("a", -0.7)], [("bc", float("-inf"))]], 0)
+    lp = completion_logprobs(
+        ["a", "bc"], [-0.5, float("-inf")], [[("a", -0.5), ("a", -0.7)], [("bc", float("-inf"))]], 0
+    )
     assert lp["text_offset"] == [0, 1] and lp["token_logprobs"][1] == -9999.0
     assert lp["top_logprobs"][0] == {"a": -0.5}  # same text: the best one is kept
     json.dumps(lp, allow_nan=False)
@@ -144,7 +172,7 @@ def _stream(text: str, stops=None, chunk=1, prompt=b"> "):
     ids = list(text.encode()) + [300]
     out = ""
     for i in range(0, len(ids), chunk):
-        out += stop.feed(detok.push(ids[i:i + chunk]))
+        out += stop.feed(detok.push(ids[i : i + chunk]))
         if stop.stopped:
             return out, True
     out += stop.feed(detok.flush()) + stop.finish()
@@ -213,15 +241,23 @@ def test_serve_config_defaults_and_errors():
         ServeConfig.model_validate({"autoscaling": {"min_replicas": 3, "max_replicas": 2}})
     with pytest.raises(ValueError):
         ServeConfig.model_validate({"limits": {"bogus": 1}})
-    auto = autoscaling_config(ServeConfig.model_validate({"autoscaling": {"max_replicas": 3, "upscale_delay_s": 1}}))
+    auto = autoscaling_config(
+        ServeConfig.model_validate({"autoscaling": {"max_replicas": 3, "upscale_delay_s": 1}})
+    )
     assert auto["max_replicas"] == 3 and auto["upscale_delay_s"] == 1
 
 
 def test_build_app_args_merge():
     from serve.app import load_serve_config
 
-    cfg = load_serve_config({"config": str(REPO / "configs/serve/tiny.yaml"), "model.ref": "student:3",
-                             "limits.max_queued_requests": "7", "autoscaling": {"max_replicas": 1}})
+    cfg = load_serve_config(
+        {
+            "config": str(REPO / "configs/serve/tiny.yaml"),
+            "model.ref": "student:3",
+            "limits.max_queued_requests": "7",
+            "autoscaling": {"max_replicas": 1},
+        }
+    )
     assert cfg.model.ref == "student:3" and cfg.limits.max_queued_requests == 7
     assert cfg.autoscaling.max_replicas == 1 and cfg.engine.block_size == 16
     inline = load_serve_config({"serve_config": cfg.model_dump(mode="json")})
@@ -238,10 +274,15 @@ def test_deploy_config_is_a_valid_serve_config():
     from cluster.commands.serve import IMPORT_PATH, deploy_config
     from serve.app import load_serve_config
 
-    cfg = load_config(REPO / "configs/serve/tiny.yaml", ServeConfig, ["model.ref=student:2", "http.port=8123"])
+    cfg = load_config(
+        REPO / "configs/serve/tiny.yaml", ServeConfig, ["model.ref=student:2", "http.port=8123"]
+    )
     body = deploy_config(cfg, others=[{"name": "other", "route_prefix": "/o", "import_path": "x:y"}])
-    schema = ServeDeploySchema.model_validate(body) if hasattr(ServeDeploySchema, "model_validate") \
+    schema = (
+        ServeDeploySchema.model_validate(body)
+        if hasattr(ServeDeploySchema, "model_validate")
         else ServeDeploySchema.parse_obj(body)
+    )
     assert schema.http_options.port == 8123 and [a.name for a in schema.applications] == ["other", "retort"]
     ours = body["applications"][-1]
     assert ours["import_path"] == IMPORT_PATH == "serve.app:build_app"
@@ -252,9 +293,16 @@ def test_cli_serve_help_is_light():
     import subprocess
     import sys
 
-    code = ("import sys, cluster.cli as c; p = c.build_parser(); "
-            "assert 'torch' not in sys.modules and 'ray' not in sys.modules, sorted(sys.modules)")
+    code = (
+        "import sys, cluster.cli as c; p = c.build_parser(); "
+        "assert 'torch' not in sys.modules and 'ray' not in sys.modules, sorted(sys.modules)"
+    )
     subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True)
-    out = subprocess.run([sys.executable, "-m", "cluster.cli", "serve", "deploy", "--help"], cwd=REPO,
-                         capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-m", "cluster.cli", "serve", "deploy", "--help"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     assert "--print-config" in out

@@ -13,14 +13,40 @@ from serve import bench
 
 def test_bench_prints_engine_hf_rows_prefix_ttft_and_the_matmul_ceiling(capsys, tmp_path):
     out_json = tmp_path / "bench.json"
-    assert bench.main(["--device", "cpu", "--preset", "tiny", "--quick", "--concurrency", "1", "2", "--prompt-len", "16",
-                       "--output-len", "6", "--prefix-len", "64", "--threads", "1", "--json", str(out_json)]) == 0
+    assert (
+        bench.main(
+            [
+                "--device",
+                "cpu",
+                "--preset",
+                "tiny",
+                "--quick",
+                "--concurrency",
+                "1",
+                "2",
+                "--prompt-len",
+                "16",
+                "--output-len",
+                "6",
+                "--prefix-len",
+                "64",
+                "--threads",
+                "1",
+                "--json",
+                str(out_json),
+            ]
+        )
+        == 0
+    )
     text = capsys.readouterr().out
     for system in ("retort engine", "HF default cache", "HF static cache"):
         for c in (1, 2):
             assert re.search(rf"^\| {system} \| {c} \| [\d,]+ \|", text, re.M), (system, c)
     assert "× lower on hit" in text
-    ceilings = [float(v.replace(",", "")) for v in re.findall(r"^\| matmuls alone, c=\d+: .*? \| ([\d,]+) \|", text, re.M)]
+    ceilings = [
+        float(v.replace(",", ""))
+        for v in re.findall(r"^\| matmuls alone, c=\d+: .*? \| ([\d,]+) \|", text, re.M)
+    ]
     assert len(ceilings) == 2 and all(v > 0 for v in ceilings)
     import json
 

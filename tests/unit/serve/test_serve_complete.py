@@ -26,12 +26,20 @@ def model_server(tmp_path_factory) -> ModelServer:
 
     tmp = tmp_path_factory.mktemp("complete")
     publish_tiny(tmp / "registry", tmp)
-    cfg = ServeConfig.model_validate({
-        "model": {"ref": "student@production"},
-        "engine": {"num_blocks": 128, "max_num_seqs": 8, "max_num_batched_tokens": 128, "dtype": "float32",
-                   "device": "cpu"},
-        "registry": {"root": str(tmp / "registry"), "cache_dir": str(tmp / "registry" / ".cache")},
-        "replica": {"torch_threads": 1}})
+    cfg = ServeConfig.model_validate(
+        {
+            "model": {"ref": "student@production"},
+            "engine": {
+                "num_blocks": 128,
+                "max_num_seqs": 8,
+                "max_num_batched_tokens": 128,
+                "dtype": "float32",
+                "device": "cpu",
+            },
+            "registry": {"root": str(tmp / "registry"), "cache_dir": str(tmp / "registry" / ".cache")},
+            "replica": {"torch_threads": 1},
+        }
+    )
     return ModelServer(cfg.model_dump(mode="json"))
 
 
@@ -47,7 +55,9 @@ def _decode(stops=None, logprobs=None) -> dict:
     return {"stops": stops, "skip_ids": [], "logprobs": logprobs}
 
 
-async def _streamed_text(server: ModelServer, rid: str, ids: list[int], params: dict, stops=None) -> tuple[str, int]:
+async def _streamed_text(
+    server: ModelServer, rid: str, ids: list[int], params: dict, stops=None
+) -> tuple[str, int]:
     dec = TextDecoder(server.tokenizer, ids, stops, set(), None)
     text = ""
     async for out in server.generate(rid, ids, params):
@@ -77,7 +87,7 @@ def test_complete_cuts_at_a_stop_string_and_aborts(server):
 
     async def main():
         full = (await server.complete("f", ids, GREEDY, None, _decode()))["text"]
-        stop = full[len(full) // 2: len(full) // 2 + 2]
+        stop = full[len(full) // 2 : len(full) // 2 + 2]
         before = server.driver.num_aborted
         res = await server.complete("stop", ids, long, None, _decode([stop]))
         for _ in range(100):  # the abort is applied at the next step boundary
@@ -95,15 +105,23 @@ def test_complete_cuts_at_a_stop_string_and_aborts(server):
 
 def test_complete_logprobs(server):
     ids = server.tokenizer.encode("abc")
-    res = asyncio.run(server.complete("lp", ids, {**GREEDY, "max_tokens": 4, "logprobs": 2}, None, _decode(logprobs=2)))
+    res = asyncio.run(
+        server.complete("lp", ids, {**GREEDY, "max_tokens": 4, "logprobs": 2}, None, _decode(logprobs=2))
+    )
     assert len(res["tokens"]) == len(res["logprobs"]) == len(res["top_logprobs"]) == 4
     assert all(1 <= len(top) <= 2 for top in res["top_logprobs"])
-    assert all(lp >= max(v for _, v in top) - 1e-4 for lp, top in zip(res["logprobs"], res["top_logprobs"], strict=True))
+    assert all(
+        lp >= max(v for _, v in top) - 1e-4
+        for lp, top in zip(res["logprobs"], res["top_logprobs"], strict=True)
+    )
 
 
 def test_complete_bad_input_is_a_400_dict(server):
     assert asyncio.run(server.complete("e", [], GREEDY, None, _decode()))["status"] == 400
-    assert asyncio.run(server.complete("e2", [1], {**GREEDY, "temperature": -1}, None, _decode()))["status"] == 400
+    assert (
+        asyncio.run(server.complete("e2", [1], {**GREEDY, "temperature": -1}, None, _decode()))["status"]
+        == 400
+    )
     assert not server.driver.engine.has_unfinished()
 
 
@@ -114,8 +132,18 @@ def test_timeout_and_cancellation_abort_the_engine_request(server):
     async def main():
         before = server.driver.num_aborted
         local = LocalServer(server, max_inflight=None, retry_after_s=1)
-        gen = Generation(local, server.tokenizer, ids, {**GREEDY, "max_tokens": 200}, None, None,
-                         deadline=time.monotonic() + 0.05, timeout_s=0.05, retry_after_s=1, skip_ids=set())
+        gen = Generation(
+            local,
+            server.tokenizer,
+            ids,
+            {**GREEDY, "max_tokens": 200},
+            None,
+            None,
+            deadline=time.monotonic() + 0.05,
+            timeout_s=0.05,
+            retry_after_s=1,
+            skip_ids=set(),
+        )
         with pytest.raises(APIError) as e:
             await gen.complete("t1")
         for _ in range(100):
@@ -138,8 +166,18 @@ def test_local_server_admits_up_to_its_limit(server):
         local = LocalServer(server, max_inflight=1, retry_after_s=3)
 
         def gen() -> Generation:
-            return Generation(local, server.tokenizer, ids, {**GREEDY, "max_tokens": 200}, None, None,
-                              deadline=time.monotonic() + 30, timeout_s=30, retry_after_s=3, skip_ids=set())
+            return Generation(
+                local,
+                server.tokenizer,
+                ids,
+                {**GREEDY, "max_tokens": 200},
+                None,
+                None,
+                deadline=time.monotonic() + 30,
+                timeout_s=30,
+                retry_after_s=3,
+                skip_ids=set(),
+            )
 
         first = gen()
         await first.start("a1")

@@ -20,13 +20,25 @@ def engine() -> LLMEngine:
     torch.manual_seed(0)
     model = Transformer(preset("tiny")).init_weights(0)
     # one token per step: these tests count steps (multi-step bursts are tested with the engine)
-    return LLMEngine(model, EngineConfig(num_blocks=128, max_num_seqs=8, max_num_batched_tokens=128,
-                                         device="cpu", dtype="float32", num_scheduler_steps=1), eos_token_id=None)
+    return LLMEngine(
+        model,
+        EngineConfig(
+            num_blocks=128,
+            max_num_seqs=8,
+            max_num_batched_tokens=128,
+            device="cpu",
+            dtype="float32",
+            num_scheduler_steps=1,
+        ),
+        eos_token_id=None,
+    )
 
 
 async def _collect(driver: EngineDriver, rid: str, prompt: list[int], n: int) -> list[int]:
     toks: list[int] = []
-    async for out in driver.generate(rid, prompt, SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)):
+    async for out in driver.generate(
+        rid, prompt, SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
+    ):
         toks += out.new_token_ids
     return toks
 
@@ -108,7 +120,9 @@ def test_short_steps_run_inline_and_give_the_same_tokens(engine):
         inline = EngineDriver(engine, inline_step_s=10.0)
         b = await _collect(inline, "i", [1, 2, 3], 6)
         long_before = inline.num_inline_steps
-        await _collect(inline, "long", list(range(1, 101)), 1)  # a 100-token prompt: its prefill goes to the thread
+        await _collect(
+            inline, "long", list(range(1, 101)), 1
+        )  # a 100-token prompt: its prefill goes to the thread
         long_after = inline.num_inline_steps
         await inline.close()
         return a, b, threaded, inline, long_before, long_after

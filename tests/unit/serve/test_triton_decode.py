@@ -93,7 +93,9 @@ def test_swiglu_linear_residual_matches_torch(device, dtype, M):
     _assert_close(td.swiglu_linear_residual(gu, w, res), res + F.linear(F.silu(gate) * up, w))
 
 
-@pytest.mark.skipif(not TRITON_INTERPRETED, reason="CPU under the interpreter: same reduction order as torch's CPU GEMM")
+@pytest.mark.skipif(
+    not TRITON_INTERPRETED, reason="CPU under the interpreter: same reduction order as torch's CPU GEMM"
+)
 def test_bf16_rounding_order_is_torchs_bit_for_bit():
     """Every intermediate rounds where torch eager rounds: on CPU (fp32 accumulation both sides, tiny K)
     the bf16 results are identical, not merely close."""
@@ -152,7 +154,9 @@ def test_decode_attention_matches_rope_write_gather_sdpa(device, dtype, H, Hkv):
     # the new token alone; one full block; one past a block edge; several blocks (past one 64-token
     # tile when MHA), the last partly filled
     ctx_lens = [1, 16, 17, 70]
-    qkv, cos, sin, kc, vc, slots, tables, ctx = _paged_inputs(device, dtype, H, Hkv, D, BS, ctx_lens, H * 10 + Hkv)
+    qkv, cos, sin, kc, vc, slots, tables, ctx = _paged_inputs(
+        device, dtype, H, Hkv, D, BS, ctx_lens, H * 10 + Hkv
+    )
     kc_ref, vc_ref, kc0 = kc.clone(), vc.clone(), kc.clone()
     want = _reference_attention(qkv, cos, sin, kc_ref, vc_ref, slots, tables, ctx, H, Hkv, D)
     got = td.decode_attention(qkv, cos, sin, kc, vc, slots, tables, ctx)
@@ -193,26 +197,39 @@ def test_layer_matches_make_decode_layer(device, dtype, H, Hkv, B, impl):
     """The fused Triton block, and the engine's own paged block (RoPE + KV write and attention as
     Triton kernels between torch parts), against the gather + SDPA block."""
     if impl == "paged" and device == "cpu" and dtype == torch.bfloat16:
-        pytest.skip("the interpreter truncates fp32 -> bf16 (the GPU rounds to nearest): RoPE'd q/k differ by an ulp")
+        pytest.skip(
+            "the interpreter truncates fp32 -> bf16 (the GPU rounds to nearest): RoPE'd q/k differ by an ulp"
+        )
     D, BS, ff = 16, 16, 96
     d = H * D
     ctx_lens = [33, 1, 16][:B]
-    qkv, cos, sin, kc, vc, slots, tables, ctx = _paged_inputs(device, dtype, H, Hkv, D, BS, ctx_lens, B * 7 + Hkv)
+    qkv, cos, sin, kc, vc, slots, tables, ctx = _paged_inputs(
+        device, dtype, H, Hkv, D, BS, ctx_lens, B * 7 + Hkv
+    )
     g = _gen(device, 99)
     nqkv = (H + 2 * Hkv) * D
-    w = ((torch.rand(d, generator=g, device=device) + 0.5).to(dtype), _randn(g, nqkv, d, dtype=dtype, scale=d**-0.5),
-         _randn(g, nqkv, dtype=dtype), _randn(g, d, d, dtype=dtype, scale=d**-0.5),
-         (torch.rand(d, generator=g, device=device) + 0.5).to(dtype),
-         _randn(g, 2 * ff, d, dtype=dtype, scale=d**-0.5), _randn(g, d, ff, dtype=dtype, scale=ff**-0.5))
+    w = (
+        (torch.rand(d, generator=g, device=device) + 0.5).to(dtype),
+        _randn(g, nqkv, d, dtype=dtype, scale=d**-0.5),
+        _randn(g, nqkv, dtype=dtype),
+        _randn(g, d, d, dtype=dtype, scale=d**-0.5),
+        (torch.rand(d, generator=g, device=device) + 0.5).to(dtype),
+        _randn(g, 2 * ff, d, dtype=dtype, scale=d**-0.5),
+        _randn(g, d, ff, dtype=dtype, scale=ff**-0.5),
+    )
     x = _randn(g, B, d, dtype=dtype)
     x0 = x.clone()
     keep = torch.arange(tables.shape[1] * BS, device=device)[None] < ctx[:, None]
     mask = additive_mask(keep, dtype)
     kc_ref, vc_ref = kc.clone(), vc.clone()
     want = make_decode_layer(H, Hkv, D, EPS, compile=False, paged=False)(
-        x, cos, sin, w, kc_ref, vc_ref, slots, tables, mask, ctx)
-    layer = td.make_triton_decode_layer(H, Hkv, D, EPS) if impl == "triton" else \
-        make_decode_layer(H, Hkv, D, EPS, compile=False, paged=True)
+        x, cos, sin, w, kc_ref, vc_ref, slots, tables, mask, ctx
+    )
+    layer = (
+        td.make_triton_decode_layer(H, Hkv, D, EPS)
+        if impl == "triton"
+        else make_decode_layer(H, Hkv, D, EPS, compile=False, paged=True)
+    )
     got = layer(x, cos, sin, w, kc, vc, slots, tables, mask, ctx)
     assert torch.equal(x, x0)  # the input is not written
     if dtype == torch.float32:
@@ -240,9 +257,13 @@ def test_bad_inputs_raise_one_line_errors():
     kc = torch.zeros(3, 4, 2, 16)
     ix = torch.zeros(2, dtype=torch.long)
     with pytest.raises(ValueError, match="is not \\(B, \\(H \\+ 2 \\* 2\\) \\* 16\\)"):
-        td.decode_attention(torch.zeros(2, 40), torch.zeros(2, 16), torch.zeros(2, 16), kc, kc, ix, ix[:, None], ix)
+        td.decode_attention(
+            torch.zeros(2, 40), torch.zeros(2, 16), torch.zeros(2, 16), kc, kc, ix, ix[:, None], ix
+        )
     with pytest.raises(ValueError, match="cos/sin must be"):
-        td.decode_attention(torch.zeros(2, 96), torch.zeros(2, 8), torch.zeros(2, 8), kc, kc, ix, ix[:, None], ix)
+        td.decode_attention(
+            torch.zeros(2, 96), torch.zeros(2, 8), torch.zeros(2, 8), kc, kc, ix, ix[:, None], ix
+        )
     with pytest.raises(ValueError, match="not a multiple"):
         td.make_triton_decode_layer(6, 4, 16, EPS)
 

@@ -105,15 +105,19 @@ def test_awq_scaling_preserves_the_float_function_and_beats_rtn() -> None:
     with torch.no_grad():
         ref = m(TOKENS)
     mods = dict(m.named_modules())
-    rtn_err = {n: (inputs[n] @ (fake_quant(mods[n].weight, "int4", 32, False) - mods[n].weight).t()).pow(2).mean()
-               for n in names}
+    rtn_err = {
+        n: (inputs[n] @ (fake_quant(mods[n].weight, "int4", 32, False) - mods[n].weight).t()).pow(2).mean()
+        for n in names
+    }
     exps = awq_scale(m, inputs, q, symmetric=False)
     with torch.no_grad():
         assert torch.allclose(m(TOKENS), ref, atol=1e-4)  # scaling alone is exact
     mods = dict(m.named_modules())
     s_inputs = collect_inputs(m, batches, names)
-    awq_err = {n: (s_inputs[n] @ (fake_quant(mods[n].weight, "int4", 32, False) - mods[n].weight).t()).pow(2).mean()
-               for n in names}
+    awq_err = {
+        n: (s_inputs[n] @ (fake_quant(mods[n].weight, "int4", 32, False) - mods[n].weight).t()).pow(2).mean()
+        for n in names
+    }
     assert sum(awq_err.values()) < 0.9 * sum(rtn_err.values())
     assert any(a > 0 for a in exps.values())
 
@@ -122,11 +126,16 @@ def test_quantize_awq_end_to_end_and_bad_group() -> None:
     import numpy as np
 
     tokens = np.random.default_rng(0).integers(0, 512, 4096).astype(np.uint16)
-    m, rec = quantize(_model(), QuantSettings(scheme="int4", group_size=32, calibration="awq", awq_grid=4), tokens, 1024, 32)
+    m, rec = quantize(
+        _model(), QuantSettings(scheme="int4", group_size=32, calibration="awq", awq_grid=4), tokens, 1024, 32
+    )
     assert rec["calibration"] == "awq" and rec["calib_tokens"] == 1024
     assert isinstance(m.model.layers[0].mlp.down_proj, quant.Int4Linear)
     assert m(TOKENS).isfinite().all()
-    with pytest.raises(RetortError, match=r"layer model.layers.0.self_attn.q_proj: in_features 64 is not divisible by group_size 128"):
+    with pytest.raises(
+        RetortError,
+        match=r"layer model.layers.0.self_attn.q_proj: in_features 64 is not divisible by group_size 128",
+    ):
         quantize(_model(), QuantSettings(scheme="int4", group_size=128))
     with pytest.raises(RetortError, match="already quantized"):
         quantize(m, QuantSettings(scheme="int8"))
@@ -146,8 +155,11 @@ def test_gate_refuses_with_reasons() -> None:
     good = {"ppl": 10.02, "bytes": 300, "tok_s_b1": 160.0}
     assert apply_gate(good, src, GateConfig(max_ppl_increase_pct=0.5, min_retention=0.99)).passed
     bad = {"ppl": 10.5, "bytes": 600, "tok_s_b1": 90.0}
-    res = apply_gate(bad, src, GateConfig(max_ppl_increase_pct=1.0, min_retention=0.99, min_decode_speedup=1.2,
-                                          max_bytes_ratio=0.5))
+    res = apply_gate(
+        bad,
+        src,
+        GateConfig(max_ppl_increase_pct=1.0, min_retention=0.99, min_decode_speedup=1.2, max_bytes_ratio=0.5),
+    )
     assert not res.passed and len(res.reasons) == 4
     assert "ppl +5.00% > 1.0%" in res.reasons[0]
 

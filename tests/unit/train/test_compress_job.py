@@ -15,8 +15,16 @@ from cluster.quant import Int8Linear
 from train.compress.__main__ import main
 
 DATA = ["data.max_bytes=400000", "data.val_fraction=0.2", "data.include_tests=false", "data.vocab_size=512"]
-EVAL = ["eval.seq_len=32", "eval.stride=32", "eval.max_tokens=2048", "eval.calib_tokens=512",
-        "eval.decode_prompt=4", "eval.decode_tokens=4", "eval.decode_batches=[1,2]", "eval.isolate=false"]
+EVAL = [
+    "eval.seq_len=32",
+    "eval.stride=32",
+    "eval.max_tokens=2048",
+    "eval.calib_tokens=512",
+    "eval.decode_prompt=4",
+    "eval.decode_tokens=4",
+    "eval.decode_batches=[1,2]",
+    "eval.isolate=false",
+]
 
 
 @pytest.fixture(scope="module")
@@ -34,12 +42,20 @@ def env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, data_dir: Path) -> dict
 
 
 def _args(env: dict[str, Path], *extra: str) -> list[str]:
-    return ["-c", "configs/compress/tiny.yaml", f"source={env['src']}", f"out_dir={env['runs']}",
-            f"data.out_dir={env['data']}", *DATA, *EVAL, *extra]
+    return [
+        "-c",
+        "configs/compress/tiny.yaml",
+        f"source={env['src']}",
+        f"out_dir={env['runs']}",
+        f"data.out_dir={env['data']}",
+        *DATA,
+        *EVAL,
+        *extra,
+    ]
 
 
 def test_job_publishes_passing_variant_with_lineage(env, capsys) -> None:
-    variants = '[{name: int8, quant: {scheme: int8}}]'
+    variants = "[{name: int8, quant: {scheme: int8}}]"
     assert main(_args(env, f"variants={variants}")) == 0
     out = capsys.readouterr().out
     assert "| int8" in out and "pass -> src-int8:1" in out and "| 8    |" in out  # both tables printed
@@ -58,8 +74,10 @@ def test_job_publishes_passing_variant_with_lineage(env, capsys) -> None:
 
 
 def test_gate_failure_publishes_nothing_and_exits_1(env, capsys) -> None:
-    variants = ('[{name: int8, quant: {scheme: int8}}, '
-                '{name: fast, quant: {scheme: int8}, gate: {min_decode_speedup: 1000}}]')
+    variants = (
+        "[{name: int8, quant: {scheme: int8}}, "
+        "{name: fast, quant: {scheme: int8}, gate: {min_decode_speedup: 1000}}]"
+    )
     assert main(_args(env, f"variants={variants}", "fail_on_gate=true")) == 1
     io = capsys.readouterr()
     assert "FAIL: decode speedup" in io.out and "gate refused fast" in io.err
@@ -71,9 +89,12 @@ def test_gate_failure_publishes_nothing_and_exits_1(env, capsys) -> None:
 
 
 def test_bad_inputs_exit_2_with_one_line(env, capsys) -> None:
-    bad_group = '[{name: q, quant: {scheme: int4, group_size: 128}}]'
+    bad_group = "[{name: q, quant: {scheme: int4, group_size: 128}}]"
     assert main(_args(env, f"variants={bad_group}")) == 2
-    assert "model.layers.0.self_attn.q_proj: in_features 64 is not divisible by group_size 128" in capsys.readouterr().err
+    assert (
+        "model.layers.0.self_attn.q_proj: in_features 64 is not divisible by group_size 128"
+        in capsys.readouterr().err
+    )
     assert main(_args(env, "variants=[{name: p, prune: {method: magnitude, sparsity: 1.2}}]")) == 2
     assert "variants.0.prune.sparsity" in capsys.readouterr().err
     assert main(_args(env, "variants=[{name: q, quant: {scheme: int3}}]")) == 2

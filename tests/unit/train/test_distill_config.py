@@ -43,8 +43,11 @@ def test_pipeline_needs_topk_and_enough_layers_and_whole_stages():
 
 
 def test_batch_that_does_not_divide_is_refused():
-    with pytest.raises(ValueError, match=r"global_batch_size \(10\) != micro_batch_size \(4\) x grad_accum \(1\) x "
-                                         r"data-parallel world \(2\) = 8"):
+    with pytest.raises(
+        ValueError,
+        match=r"global_batch_size \(10\) != micro_batch_size \(4\) x grad_accum \(1\) x "
+        r"data-parallel world \(2\) = 8",
+    ):
         cfg(global_batch_size=10, micro_batch_size=4, num_workers=2)
     assert cfg(global_batch_size=16, micro_batch_size=4, grad_accum=2, num_workers=2).global_batch == 16
 
@@ -72,7 +75,10 @@ def test_cli_style_errors_are_one_line(tmp_path):
 
 def test_training_hash_ignores_operational_fields_only():
     a = cfg()
-    assert a.training_hash() == cfg(max_failures=9, checkpoint_every=7, run_dir="/x", publish=False).training_hash()
+    assert (
+        a.training_hash()
+        == cfg(max_failures=9, checkpoint_every=7, run_dir="/x", publish=False).training_hash()
+    )
     assert a.training_hash() != cfg(lr=5e-4).training_hash()
     assert a.training_hash() != cfg(zero_stage=2).training_hash()
 
@@ -82,7 +88,10 @@ def test_deepspeed_config_fields():
     ds = deepspeed_config(c)
     assert ds["train_batch_size"] == 12 and ds["train_micro_batch_size_per_gpu"] == 2
     assert ds["gradient_accumulation_steps"] == 3 and ds["gradient_clipping"] == 0.5
-    assert ds["zero_optimization"]["stage"] == 3 and ds["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"]
+    assert (
+        ds["zero_optimization"]["stage"] == 3
+        and ds["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"]
+    )
     assert "optimizer" not in ds and "scheduler" not in ds  # ours: torch AdamW + LambdaLR
     assert ds["bf16"]["enabled"] is False  # CPU: fp32 even if asked
     assert deepspeed_config(cfg(bf16=True, use_gpu=True), bf16=True)["bf16"]["enabled"] is True
@@ -132,7 +141,7 @@ def test_pipeline_layers_reproduce_the_model():
         layers = [EmbedPipe(m.cfg, sd["model.embed_tokens.weight"])]
         for i in range(m.cfg.n_layers):
             pre = f"model.layers.{i}."
-            layers.append(BlockPipe(m.cfg, i, {k[len(pre):]: v for k, v in sd.items() if k.startswith(pre)}))
+            layers.append(BlockPipe(m.cfg, i, {k[len(pre) :]: v for k, v in sd.items() if k.startswith(pre)}))
         layers.append(NormPipe(m.cfg, sd["model.norm.weight"]))
         x = torch.randint(0, m.cfg.vocab_size, (2, 16))
         h = x

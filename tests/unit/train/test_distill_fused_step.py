@@ -17,8 +17,16 @@ from cluster.config.distill import DistillConfig
 from cluster.config.model import ModelConfig
 from cluster.model import Transformer
 
-STUDENT = dict(vocab_size=72, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64, max_seq_len=64,
-               tie_embeddings=True)
+STUDENT = dict(
+    vocab_size=72,
+    d_model=32,
+    n_layers=2,
+    n_heads=4,
+    n_kv_heads=2,
+    d_ff=64,
+    max_seq_len=64,
+    tie_embeddings=True,
+)
 TEACHER = ModelConfig(vocab_size=80, d_model=48, n_layers=2, n_heads=4, n_kv_heads=4, d_ff=96, max_seq_len=64)
 V = 70  # the tokenizer's vocab: both heads carry padded rows
 
@@ -28,8 +36,18 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def cfg(**kw) -> DistillConfig:
-    return DistillConfig.model_validate({"student": STUDENT, "seq_len": 16, "num_workers": 1, "micro_batch_size": 2,
-                                         "steps": 10, "warmup_steps": 1, "lr": 1e-2, **kw})
+    return DistillConfig.model_validate(
+        {
+            "student": STUDENT,
+            "seq_len": 16,
+            "num_workers": 1,
+            "micro_batch_size": 2,
+            "steps": 10,
+            "warmup_steps": 1,
+            "lr": 1e-2,
+            **kw,
+        }
+    )
 
 
 @pytest.fixture(scope="module")
@@ -57,8 +75,9 @@ def train(c: DistillConfig, steps: int) -> tuple[list[dict], dict[str, torch.Ten
     """``steps`` optimizer steps on one fixed batch; returns the metric rows and each parameter's total update."""
     from train.distill.loop import Plan, build_engine, build_student, mean_over_dp, zero_step
 
-    plan = Plan(data_dir="", vocab_size=V, teacher_dir=None, topk_dir=None, config_hash="", job_id="",
-                metrics_path="")
+    plan = Plan(
+        data_dir="", vocab_size=V, teacher_dir=None, topk_dir=None, config_hash="", job_id="", metrics_path=""
+    )
     teacher = Transformer(TEACHER).init_weights(1).eval().requires_grad_(False)
     engine = build_engine(c, build_student(c, TEACHER.d_model), plan)
     init = {n: p.detach().clone() for n, p in engine.module.named_parameters()}

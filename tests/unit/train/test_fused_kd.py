@@ -78,9 +78,19 @@ def test_alpha_endpoints_and_all_ignored():
 
 def test_tied_student_model_gradients_match():
     """A whole tied-embedding student: every parameter's gradient, the embedding's (head + lookup) included."""
-    mcfg = ModelConfig(vocab_size=80, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64, max_seq_len=64,
-                       tie_embeddings=True)
-    tcfg = ModelConfig(vocab_size=84, d_model=48, n_layers=2, n_heads=4, n_kv_heads=4, d_ff=96, max_seq_len=64)
+    mcfg = ModelConfig(
+        vocab_size=80,
+        d_model=32,
+        n_layers=2,
+        n_heads=4,
+        n_kv_heads=2,
+        d_ff=64,
+        max_seq_len=64,
+        tie_embeddings=True,
+    )
+    tcfg = ModelConfig(
+        vocab_size=84, d_model=48, n_layers=2, n_heads=4, n_kv_heads=4, d_ff=96, max_seq_len=64
+    )
     student, teacher = Transformer(mcfg).init_weights(0), Transformer(tcfg).init_weights(1)
     assert student.lm_head.weight is student.model.embed_tokens.weight
     x = torch.randint(0, 78, (2, 16), generator=torch.Generator().manual_seed(4))
@@ -93,8 +103,16 @@ def test_tied_student_model_gradients_match():
     ref["loss"].backward()
     ref_grads = {n: p.grad.clone() for n, p in student.named_parameters()}
     student.zero_grad()
-    out = fused_kd_loss(decoder_hidden(student, x), student.lm_head.weight, t_hidden, teacher.lm_head.weight, y, cfg,
-                        vocab_size=78, chunk_size=5)
+    out = fused_kd_loss(
+        decoder_hidden(student, x),
+        student.lm_head.weight,
+        t_hidden,
+        teacher.lm_head.weight,
+        y,
+        cfg,
+        vocab_size=78,
+        chunk_size=5,
+    )
     out["loss"].backward()
     assert val(out["loss"]) == pytest.approx(val(ref["loss"]), rel=RTOL)
     for n, p in student.named_parameters():
@@ -108,8 +126,15 @@ def test_hidden_mse_term_matches():
     y[1, 3] = -100
     torch.manual_seed(0)
     proj = HiddenProjector(16, 24)
-    ref = kd_loss(h @ w.T, DenseTeacher(h_t @ w_t.T, hidden=h_t), y, cfg, vocab_size=64, student_hidden=h,
-                  projector=proj)
+    ref = kd_loss(
+        h @ w.T,
+        DenseTeacher(h_t @ w_t.T, hidden=h_t),
+        y,
+        cfg,
+        vocab_size=64,
+        student_hidden=h,
+        projector=proj,
+    )
     ref_g = torch.autograd.grad(ref["loss"], [h, w, proj.proj.weight])
     out = fused_kd_loss(h, w, h_t, w_t, y, cfg, vocab_size=64, projector=proj)
     out_g = torch.autograd.grad(out["loss"], [h, w, proj.proj.weight])
@@ -153,7 +178,9 @@ def test_bad_shapes_are_clear_errors():
 def test_cuda_bf16_matches_reference(kind, beta, compile):
     """bf16 heads on the GPU (the training dtype), compiled chunks too: within bf16 rounding of the reference."""
     cfg = KDLossConfig(kind=kind, temperature=2.0, alpha=0.5, beta=beta)
-    h, w, h_t, w_t = heads(10, B=4, T=512, d=256, d_t=384, Vs=8064, Vt=8000, dtype=torch.bfloat16, device="cuda")
+    h, w, h_t, w_t = heads(
+        10, B=4, T=512, d=256, d_t=384, Vs=8064, Vt=8000, dtype=torch.bfloat16, device="cuda"
+    )
     y = torch.randint(0, 8000, (4, 512), device="cuda")
     y[:, :7] = -100
     ref, gh_ref, gw_ref = reference(h, w, h_t, w_t, y, cfg, 8000)

@@ -38,18 +38,35 @@ def test_recovery_config_errors_name_the_field() -> None:
     with pytest.raises(ValueError, match="recovery.enabled needs a variant with structured pruning"):
         CompressConfig(variants=[{"name": "m", "prune": {"method": "magnitude"}}], recovery={"enabled": True})
     with pytest.raises(ValueError, match="recovery.distill may not set student_init, teacher"):
-        CompressConfig(variants=[PRUNED], recovery={"enabled": True, "distill": {"teacher": "x", "student_init": "y"}})
+        CompressConfig(
+            variants=[PRUNED], recovery={"enabled": True, "distill": {"teacher": "x", "student_init": "y"}}
+        )
     with pytest.raises(ValueError, match=r"recovery: distill.nosuchfield: Extra inputs are not permitted"):
         CompressConfig(variants=[PRUNED], recovery={"enabled": True, "distill": {"nosuchfield": 1}})
     with pytest.raises(ValueError, match=r"recovery: distill: warmup_steps \(10\) must be < steps \(5\)"):
         CompressConfig(variants=[PRUNED], recovery={"enabled": True, "steps": 5})
     with pytest.raises(ValueError, match="p-recovered clash"):
-        CompressConfig(variants=[PRUNED, {"name": "p-recovered", "quant": {"scheme": "int8"}}], recovery={"enabled": True})
-    CompressConfig(variants=[{"name": "m", "prune": {"method": "magnitude"}}])  # recovery off: no pruning needed
+        CompressConfig(
+            variants=[PRUNED, {"name": "p-recovered", "quant": {"scheme": "int8"}}],
+            recovery={"enabled": True},
+        )
+    CompressConfig(
+        variants=[{"name": "m", "prune": {"method": "magnitude"}}]
+    )  # recovery off: no pruning needed
 
 
 def test_recovery_distill_config_uses_the_source_and_the_pruned_model() -> None:
-    c = CompressConfig(variants=[PRUNED], recovery={"enabled": True, "steps": 50, "distill": {"zero_stage": 2}})
-    d = c.recovery_distill(teacher="student:3", student_init="/tmp/x/init", data=c.data, run_dir="/tmp/x/distill")
-    assert (d.teacher, d.student_init, d.steps, d.zero_stage, d.publish) == ("student:3", "/tmp/x/init", 50, 2, False)
+    c = CompressConfig(
+        variants=[PRUNED], recovery={"enabled": True, "steps": 50, "distill": {"zero_stage": 2}}
+    )
+    d = c.recovery_distill(
+        teacher="student:3", student_init="/tmp/x/init", data=c.data, run_dir="/tmp/x/distill"
+    )
+    assert (d.teacher, d.student_init, d.steps, d.zero_stage, d.publish) == (
+        "student:3",
+        "/tmp/x/init",
+        50,
+        2,
+        False,
+    )
     assert d.teacher_source == "online" and d.seq_len == c.eval.seq_len and d.eval.teacher is False
