@@ -61,3 +61,30 @@ def test_matmul_ceiling_grows_with_batch_and_counts_every_linear():
     one = bench.matmul_ceiling_tok_s(model, 1, 16, 8, torch.device("cpu"), torch.float32, reps=3)
     eight = bench.matmul_ceiling_tok_s(model, 8, 16, 8, torch.device("cpu"), torch.float32, reps=3)
     assert eight > one > 0  # batching amortizes each call
+
+
+def test_async_bench_prints_both_modes_per_concurrency(capsys):
+    from serve import bench_async
+
+    assert (
+        bench_async.main(
+            [
+                "--device",
+                "cpu",
+                "--preset",
+                "tiny",
+                "--concurrency",
+                "4",
+                "1",
+                "--rounds",
+                "1",
+                "--prompt-len",
+                "8",
+                "--output-len",
+                "12",
+            ]
+        )
+        == 0
+    )
+    rows = re.findall(r"^\| (\d+) \| ([\d,]+) \| ([\d,]+) \| ([\d.]+) \|$", capsys.readouterr().out, re.M)
+    assert [r[0] for r in rows] == ["4", "1"] and all(float(r[1].replace(",", "")) > 0 for r in rows)
