@@ -249,15 +249,10 @@ def matmul_ceiling_tok_s(
     bandwidth-bound (a CPU) this bounds any engine at this dtype, HF's ``generate`` included: their
     matmuls are the same; on a GPU, where a small step is latency-bound, it bounds engines that run
     one kernel per matmul."""
-    weights = []
-    for block in model.model.layers:
-        a, m = block.self_attn, block.mlp
-        weights += [
-            torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]),
-            a.o_proj.weight,
-            torch.cat([m.gate_proj.weight, m.up_proj.weight]),
-            m.down_proj.weight,
-        ]
+    from serve.engine.fused_model import FusedModel
+
+    # the engine's own fused weights (q/k/v and gate/up concatenated)
+    weights = [lw_w[0] for lw in FusedModel(model, 1).layers for lw_w in (lw.qkv, lw.o, lw.gate_up, lw.down)]
     weights = [w.detach().to(device, dtype).contiguous() for w in weights]
     head = model.lm_head.weight.detach().to(device, dtype)
 

@@ -17,10 +17,9 @@ import statistics
 
 import torch
 
-from cluster.config.engine import EngineConfig
 from cluster.config.model import preset
 from cluster.model import Transformer
-from serve.bench import bench_engine, workload
+from serve.bench import bench_engine, make_engine, workload
 from serve.engine import LLMEngine
 from serve.engine.engine import resolve_device, resolve_dtype
 
@@ -50,17 +49,9 @@ def main(argv: list[str] | None = None) -> int:
     maxc = max(args.concurrency)
     mcfg = preset(args.preset, max_seq_len=max(2048, 2 * (args.prompt_len + args.output_len)))
     model = Transformer(mcfg).init_weights(0)
-    per_seq = -(-(args.prompt_len + args.output_len + 8) // 16)
-    engine = LLMEngine(
-        model,
-        EngineConfig(
-            device=device.type,
-            dtype=str(dtype).removeprefix("torch."),
-            max_num_seqs=maxc,
-            max_num_batched_tokens=max(2048, maxc),
-            num_blocks=2 * maxc * per_seq + 64,
-            max_model_len=mcfg.max_seq_len,
-        ),
+    args.device, args.dtype, args.scheduler_steps = device.type, str(dtype).removeprefix("torch."), None
+    engine = make_engine(
+        model, args, maxc, max(2048, maxc), 2 * maxc * (args.prompt_len + args.output_len) + 256
     )
     bench_engine(engine, workload(min(4, maxc), args.prompt_len, 4, mcfg.vocab_size, 99, False), min(4, maxc))
     print(

@@ -342,12 +342,13 @@ class LLMEngine:
             if n != 1 or not seq.output_token_ids or not p.greedy or p.logprobs:
                 return 1
             k = min(k, p.max_tokens - len(seq.output_token_ids), self.max_model_len - seq.num_tokens + 1)
-        if k < 2:
-            return 1
-        for seq in batch.seqs:  # the scheduler reserved one new token each; reserve the rest
-            if not self.kv.allocate(seq, k):
-                return 1
-        return k
+        # the scheduler reserved one new token each; reserve the rest
+        return k if k >= 2 and self._reserve(batch.seqs, k) else 1
+
+    def _reserve(self, seqs: list[Sequence], tokens: int) -> bool:
+        """KV blocks for ``tokens`` more tokens past each sequence's computed ones; False at the first
+        that does not fit (those before it keep theirs: freed with them)."""
+        return all(self.kv.allocate(seq, tokens) for seq in seqs)
 
     def _step_inflight(self) -> list[RequestOutput]:
         """Queue the next burst of the in-flight burst's sequences if they may go on, then apply the
@@ -374,13 +375,8 @@ class LLMEngine:
         for seq in seqs:
             longest = max(longest, seq.params.max_tokens - len(seq.output_token_ids) - ahead)
             k = min(k, self.max_model_len - seq.num_tokens - ahead + 1)  # positions stay in the model's range
-        k = min(k, longest)
-        if k < 2:  # (also when every sequence ends with the in-flight burst)
-            return 1
-        for seq in seqs:
-            if not self.kv.allocate(seq, ahead + k):
-                return 1
-        return k
+        k = min(k, longest)  # k < 2 also when every sequence ends with the in-flight burst
+        return k if k >= 2 and self._reserve(seqs, ahead + k) else 1
 
     def _apply_steps(self, seqs: list[Sequence], tokens: list[list[int]]) -> list[RequestOutput]:
         """Append each sequence's multi-step tokens up to its first stop; what a sequence generated

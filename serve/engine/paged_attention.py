@@ -488,13 +488,16 @@ def paged_decode_attention(
     ctx_lens: torch.Tensor,
     out: torch.Tensor | None = None,
     splits: int | None = None,
+    tile: int = 32,
+    warps: int = 1,
 ) -> torch.Tensor:
     """q (B, H, D); caches (NB, BS, Hkv, D) (D contiguous); tables (B, nb) block ids; ctx_lens (B,)
     tokens each query attends to (>= 1); any of them may be strided views (the CUDA graphs pass
     columns of their input buffer) -> (B, H, D). ``splits`` (a power of two; default
     ``decode_splits``) splits each sequence's keys over that many programs, whose fp32 partials a
     second kernel combines; the split count depends on the batch shape only, so a captured graph
-    serves any context length."""
+    serves any context length. ``tile`` keys a loop step and ``warps`` a program: the defaults are
+    the sweep's (``python -m serve.engine.decode_sweep --parts paged``)."""
     B, H, D = q.shape
     _, BS, Hkv, _ = k_cache.shape
     if out is None:
@@ -503,9 +506,9 @@ def paged_decode_attention(
         raise ValueError("paged_decode_attention needs caches with contiguous head dims, laid out alike")
     if q.stride(2) != 1:
         q = q.contiguous()
-    # one warp per program, 32 keys a tile: on an H200 (bf16, 12 heads of 64) the fastest of 1-8 warps
-    # and 16-128 keys at batch 1-64 and 192-1k tokens, or within 10% of it (batch 64: 17.3 -> 10.6 µs
-    # against 4 warps and 64 keys; `python -m serve.engine.decode_sweep`)
+    # one warp per program, 32 keys a tile (the defaults): on an H200 (bf16, 12 heads of 64) the fastest
+    # of 1-8 warps and 16-128 keys at batch 1-64 and 192-1k tokens, or within 10% of it (batch 64:
+    # 17.3 -> 10.6 µs against 4 warps and 64 keys)
     if splits is None:
         splits = decode_splits(B * H, _sm_count(q.device))
     if splits & (splits - 1):
@@ -536,9 +539,9 @@ def paged_decode_attention(
         N_REP=H // Hkv,
         BS=BS,
         D=D,
-        TILE=32,
+        TILE=tile,
         SPLITS=splits,
-        num_warps=1,
+        num_warps=warps,
     )
     if splits > 1:
         _decode_combine[(B, H)](

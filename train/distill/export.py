@@ -20,7 +20,8 @@ import torch.distributed as dist
 
 from cluster.config.distill import DistillConfig
 from cluster.model import Transformer
-from train.distill.loop import Hooks, Plan
+from train.distill.hooks import Hooks
+from train.distill.loop import Plan
 
 DISTILL_INFO = "retort_distill.json"
 

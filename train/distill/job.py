@@ -239,7 +239,8 @@ def worker_env() -> dict[str, str]:
 def train_func(config: dict[str, Any]) -> None:
     """Ray Train's ``train_loop_per_worker``: the worker group runs this on every rank."""
     from train.distill.export import finish_worker
-    from train.distill.loop import RayHooks, run_worker
+    from train.distill.hooks import RayHooks
+    from train.distill.loop import run_worker
 
     cfg = DistillConfig.model_validate(config["cfg"])
     plan = Plan(**config["plan"])

@@ -39,8 +39,9 @@ def run(cfg) -> dict[str, Any]:
 
     from cluster.errors import RetortError
     from train.distill.export import finish_worker
+    from train.distill.hooks import DirHooks
     from train.distill.job import lineage_of, make_plan, publish_and_print, run_dir_of
-    from train.distill.loop import DirHooks, Plan, run_worker
+    from train.distill.loop import Plan, run_worker
 
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.expanduser("~/.cache/retort/torch_extensions"))
     if cfg.use_gpu:
